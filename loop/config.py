@@ -1,0 +1,469 @@
+"""Configuration: the global ``loop.yaml`` and one ``calibrations/<Name>.yaml`` each.
+
+Files are validated with pydantic models that forbid unknown keys, so a typo such as
+``nThraeds`` is an error rather than a silently ignored setting. Every problem is
+reported as ``<file>: <key.path> (line N): <message>``; the line comes from the YAML
+node tree, so an admin can jump straight to it.
+
+Relative paths in ``loop.yaml`` are resolved against the directory of that file;
+``~`` and ``$VARS`` are expanded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from loop.errors import ConfigError
+
+Loc = tuple[str | int, ...]
+M = TypeVar("M", bound=BaseModel)
+
+TriggerType = Literal["pedestal", "physics"]
+Synchronization = Literal["any", "validation", "offline", "mc", "hlt", "express", "prompt", "pcl"]
+
+
+class StrictModel(BaseModel):
+    """Base for every config section: unknown keys are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------------------- loop.yaml
+
+
+class PollConfig(StrictModel):
+    """How often the daemons look at the world."""
+
+    registry_s: float = Field(30.0, gt=0, description="registry poll period")
+    observer: Literal["inotify", "polling"] = Field(
+        "inotify", description="'polling' for network filesystems where inotify sees nothing"
+    )
+    polling_interval_s: float = Field(1.0, gt=0)
+    tick_s: float = Field(0.2, gt=0, description="longest idle wait between loop cycles")
+    heartbeat_s: float = Field(2.0, gt=0)
+
+
+class TimeoutConfig(StrictModel):
+    """Time limits for everything that talks to another process or service."""
+
+    registry_s: float = Field(10.0, gt=0)
+    registry_attempts: int = Field(3, ge=1)
+    registry_backoff_s: float = Field(0.5, ge=0)
+    conddb_s: float = Field(10.0, gt=0)
+    conddb_attempts: int = Field(3, ge=1)
+    store_lock_s: float = Field(30.0, gt=0)
+    job_s: float = Field(3600.0, gt=0)
+    shutdown_s: float = Field(5.0, gt=0)
+
+
+class LocalBackendConfig(StrictModel):
+    """The local backend: a bounded pool of subprocesses."""
+
+    max_parallel: int = Field(2, ge=1)
+
+
+class SlurmConfig(StrictModel):
+    """Slurm submission settings (see ``workers/backends/slurm.py``)."""
+
+    partition: str | None = None
+    time_limit: str = "01:00:00"
+    mem: str = "1G"
+    cpus: int = Field(1, ge=1)
+    extra_directives: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict)
+    max_in_flight: int = Field(50, ge=1)
+    vanish_grace_s: float = Field(30.0, ge=0)
+    command_timeout_s: float = Field(30.0, gt=0)
+
+
+class JobsConfig(StrictModel):
+    """Job backend choice and retry policy."""
+
+    backend: Literal["local", "slurm"] = "local"
+    max_attempts: int = Field(3, ge=1)
+    retry_backoff_s: float = Field(5.0, ge=0)
+    local: LocalBackendConfig = LocalBackendConfig()
+    slurm: SlurmConfig = SlurmConfig()
+
+
+class LoopConfig(StrictModel):
+    """The global settings shared by every calibration's daemons."""
+
+    work_dir: Path
+    raw_root: Path
+    log_dir: Path
+    store_root: Path
+    registry_url: str
+    conddb_url: str
+    conddb_token_file: Path | None = None
+    calibrations_dir: Path = Path("calibrations")
+    lookback_hours: float = Field(8.0, gt=0)
+    poll: PollConfig = PollConfig()
+    timeouts: TimeoutConfig = TimeoutConfig()
+    jobs: JobsConfig = JobsConfig()
+
+    @field_validator("registry_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value.rstrip("/")
+
+    def conddb_token(self) -> str | None:
+        """The upload token, read from ``conddb_token_file`` if one is configured."""
+        if self.conddb_token_file is None:
+            return None
+        try:
+            return self.conddb_token_file.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(
+                [f"conddb_token_file {self.conddb_token_file}: cannot read ({exc.strerror})"]
+            ) from exc
+
+
+# ----------------------------------------------------------------- calibrations/<Name>.yaml
+
+
+class Expert(StrictModel):
+    """Who to call when this calibration misbehaves."""
+
+    name: str
+    email: str
+
+
+class RunSelection(StrictModel):
+    """Which runs of the registry this calibration processes."""
+
+    run_types: list[str] = Field(default_factory=lambda: ["collisions"], min_length=1)
+    stable_beam: bool | None = Field(None, description="null: do not care")
+    min_ls: int = Field(1, ge=1, description="runs shorter than this are skipped at run end")
+
+
+class RawInput(StrictModel):
+    """Where the raw LS files of this calibration's stream appear (under raw_root)."""
+
+    stream: str = Field(min_length=1)
+
+
+class Step2Config(StrictModel):
+    """Reco batching: raw LS files to reco jobs."""
+
+    min_ls_per_job: int = Field(2, ge=1)
+    max_ls_per_job: int = Field(10, ge=1)
+    max_wait_s: float = Field(300.0, gt=0, description="launch a short batch after this wait")
+    trigger_types: list[TriggerType] = Field(min_length=1)
+    common_mode_group: int | None = Field(None, ge=2)
+    command: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _min_le_max(self) -> Step2Config:
+        if self.min_ls_per_job > self.max_ls_per_job:
+            raise ValueError("min_ls_per_job must not exceed max_ls_per_job")
+        return self
+
+
+class Histogram(StrictModel):
+    """Optional per-channel histogram accumulated by ALCA jobs."""
+
+    bins: int = Field(64, ge=1)
+    low: float = 0.0
+    high: float = 4096.0
+
+
+class Step3Config(StrictModel):
+    """ALCA batching: reco outputs to mergeable per-channel accumulators."""
+
+    min_files_per_job: int = Field(1, ge=1)
+    max_files_per_job: int = Field(5, ge=1)
+    max_wait_s: float = Field(300.0, gt=0)
+    occupancy_threshold: float = Field(
+        400.0, description="ADC value above which a channel counts as occupied"
+    )
+    histogram: Histogram | None = None
+    command: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _min_le_max(self) -> Step3Config:
+        if self.min_files_per_job > self.max_files_per_job:
+            raise ValueError("min_files_per_job must not exceed max_files_per_job")
+        return self
+
+
+class Step4Config(StrictModel):
+    """Harvest cadence: how often statistics are re-harvested and uploaded."""
+
+    harvest_every_files: int = Field(1, ge=1, description="re-harvest after N new ALCA outputs")
+    min_interval_s: float = Field(0.0, ge=0)
+    upload_intermediate: bool = True
+    command: list[str] | None = None
+
+
+class PayloadConfig(StrictModel):
+    """What the harvest produces and where it goes."""
+
+    calibration_type: Literal["pedestals", "bad_channels"]
+    ctype: str = Field(min_length=1, description="calibration type name in the store")
+    destination_tag: str = Field(min_length=1)
+    time_type: Literal["run", "lumi", "time"] = "run"
+    synchronization: Synchronization = "prompt"
+    object_type: str = Field(min_length=1)
+
+
+class AlgorithmConfig(StrictModel):
+    """Thresholds of the calibration algorithms (see ``workers/algorithms.py``)."""
+
+    dead_max_noise: float = Field(0.5, ge=0, description="ADC rms below which a channel is dead")
+    noisy_noise_factor: float = Field(2.5, gt=1, description="x median noise")
+    hot_occupancy_factor: float = Field(10.0, gt=1, description="x median occupancy")
+    hot_min_occupancy: float = Field(0.05, ge=0, le=1)
+
+
+class ValidationConfig(StrictModel):
+    """Checks a harvested payload must pass before it is uploaded."""
+
+    min_events: int = Field(50, ge=1)
+    max_bad_fraction: float = Field(0.05, ge=0, le=1)
+    max_mean_shift: float | None = Field(None, gt=0, description="ADC, vs previous payload")
+    allow_nonfinite: bool = False
+
+
+class CalibrationConfig(StrictModel):
+    """One calibration workflow: its run selection, batching, payload and validation."""
+
+    name: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_]*$")
+    label: str
+    description: str
+    detector: str = Field(pattern=r"^[a-z0-9]+-[A-Za-z0-9]+$", description="<dettype>-<detid>")
+    expert: Expert
+    run_selection: RunSelection = RunSelection()
+    raw_input: RawInput
+    step2: Step2Config
+    step3: Step3Config = Step3Config()
+    step4: Step4Config = Step4Config()
+    payload: PayloadConfig
+    algorithm: AlgorithmConfig = AlgorithmConfig()
+    validation: ValidationConfig = ValidationConfig()
+    depends_on: list[str] = Field(default_factory=list)
+    backend: Literal["local", "slurm"] | None = None
+
+    def config_hash(self) -> str:
+        """A short stable hash of the effective configuration, stored with payloads."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- YAML loading
+
+
+def read_yaml(path: Path) -> tuple[Any, dict[Loc, int], list[str]]:
+    """Parse ``path``; return the data, a key-path -> line map and structural problems."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: file not found"]) from None
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read ({exc.strerror})"]) from exc
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([f"{path}: YAML syntax error{where}: {problem}"]) from exc
+    lines: dict[Loc, int] = {}
+    problems: list[str] = []
+    if node is not None:
+        _index_lines(node, (), lines, problems, path)
+    return data, lines, problems
+
+
+def _index_lines(
+    node: yaml.Node, loc: Loc, lines: dict[Loc, int], problems: list[str], path: Path
+) -> None:
+    """Record the line of every key and flag duplicate keys (YAML keeps the last silently)."""
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = str(key_node.value)
+            child = (*loc, key)
+            line = key_node.start_mark.line + 1
+            if child in lines:
+                problems.append(f"{path}: {_dotted(child)} (line {line}): duplicate key")
+            lines[child] = line
+            _index_lines(value_node, child, lines, problems, path)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            lines[(*loc, index)] = item.start_mark.line + 1
+            _index_lines(item, (*loc, index), lines, problems, path)
+
+
+def _dotted(loc: Loc) -> str:
+    return ".".join(str(part) for part in loc) or "<top level>"
+
+
+def _line_of(loc: Loc, lines: dict[Loc, int]) -> int | None:
+    for cut in range(len(loc), 0, -1):
+        if loc[:cut] in lines:
+            return lines[loc[:cut]]
+    return None
+
+
+def _format_validation(path: Path, exc: ValidationError, lines: dict[Loc, int]) -> list[str]:
+    problems = []
+    for err in exc.errors():
+        loc: Loc = tuple(part for part in err["loc"] if isinstance(part, (str, int)))
+        line = _line_of(loc, lines)
+        where = f" (line {line})" if line else ""
+        message = err["msg"]
+        if err["type"] == "extra_forbidden":
+            message = "unknown key (check the spelling against the documented keys)"
+        elif err["type"] == "missing":
+            message = "required key is missing"
+        problems.append(f"{path}: {_dotted(loc)}{where}: {message}")
+    return problems
+
+
+def validate_model(
+    model: type[M], path: Path, data: Any, lines: dict[Loc, int], problems: list[str]
+) -> M:
+    if not isinstance(data, dict):
+        raise ConfigError([*problems, f"{path}: top level must be a mapping of keys"])
+    try:
+        result = model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(problems + _format_validation(path, exc, lines)) from None
+    if problems:
+        raise ConfigError(problems)
+    return result
+
+
+def _resolve_path(value: Any, base: Path) -> Any:
+    if not isinstance(value, str):
+        return value
+    expanded = Path(os.path.expandvars(os.path.expanduser(value)))
+    return expanded if expanded.is_absolute() else (base / expanded).resolve()
+
+
+_LOOP_PATH_KEYS = (
+    "work_dir",
+    "raw_root",
+    "log_dir",
+    "store_root",
+    "conddb_token_file",
+    "calibrations_dir",
+)
+
+
+def load_loop_config(path: Path) -> LoopConfig:
+    """Load and validate ``loop.yaml``; relative paths resolve against its directory."""
+    data, lines, problems = read_yaml(path)
+    if isinstance(data, dict):
+        data = dict(data)
+        data.setdefault("calibrations_dir", "calibrations")
+        for key in _LOOP_PATH_KEYS:
+            if key in data:
+                data[key] = _resolve_path(data[key], path.parent.resolve())
+        if isinstance(data.get("conddb_url"), str) and data["conddb_url"].startswith("sqlite:///"):
+            db = _resolve_path(data["conddb_url"].removeprefix("sqlite:///"), path.parent.resolve())
+            data["conddb_url"] = f"sqlite:///{db}"
+    return validate_model(LoopConfig, path, data, lines, problems)
+
+
+def load_calibration(path: Path) -> CalibrationConfig:
+    """Load and validate one calibration YAML; its ``name`` must equal the file stem."""
+    data, lines, problems = read_yaml(path)
+    config = validate_model(CalibrationConfig, path, data, lines, problems)
+    if config.name != path.stem:
+        line = lines.get(("name",))
+        raise ConfigError(
+            [f"{path}: name (line {line}): '{config.name}' must equal the file name '{path.stem}'"]
+        )
+    return config
+
+
+def calibration_path(loop_config: LoopConfig, name: str) -> Path:
+    """Where the YAML of calibration ``name`` lives."""
+    return loop_config.calibrations_dir / f"{name}.yaml"
+
+
+def load_all_calibrations(directory: Path) -> tuple[dict[str, CalibrationConfig], list[str]]:
+    """Load every ``*.yaml`` in ``directory``; return the valid ones and every problem found,
+    including unknown or circular ``depends_on`` entries."""
+    configs: dict[str, CalibrationConfig] = {}
+    problems: list[str] = []
+    files = sorted(directory.glob("*.yaml")) if directory.is_dir() else []
+    if not files:
+        problems.append(f"{directory}: no calibration files (*.yaml) found")
+    for file in files:
+        try:
+            configs[file.stem] = load_calibration(file)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    problems.extend(dependency_problems(configs, directory))
+    return configs, problems
+
+
+def dependency_problems(configs: dict[str, CalibrationConfig], directory: Path) -> list[str]:
+    """Unknown names and cycles in ``depends_on`` (A -> B -> A), as messages."""
+    problems = []
+    for name, config in configs.items():
+        for dep in config.depends_on:
+            if dep not in configs:
+                problems.append(
+                    f"{directory / (name + '.yaml')}: depends_on: unknown calibration '{dep}'"
+                )
+    for name in configs:
+        cycle = _find_cycle(name, configs)
+        if cycle and cycle[0] == min(cycle[:-1]):  # report each cycle once
+            problems.append(f"{directory}: circular depends_on: {' -> '.join(cycle)}")
+    return problems
+
+
+def _find_cycle(start: str, configs: dict[str, CalibrationConfig]) -> list[str] | None:
+    stack: list[tuple[str, list[str]]] = [(start, [start])]
+    while stack:
+        node, trail = stack.pop()
+        for dep in configs[node].depends_on if node in configs else []:
+            if dep == start:
+                return [*trail, dep]
+            if dep not in trail:
+                stack.append((dep, [*trail, dep]))
+    return None
+
+
+def check_config_dir(config_dir: Path) -> list[str]:
+    """Validate ``loop.yaml`` and every calibration below ``config_dir``; list all problems."""
+    problems: list[str] = []
+    calibrations_dir = config_dir / "calibrations"
+    try:
+        loop_config = load_loop_config(config_dir / "loop.yaml")
+        calibrations_dir = loop_config.calibrations_dir
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+    _configs, calibration_problems = load_all_calibrations(calibrations_dir)
+    return problems + calibration_problems
+
+
+def default_config_dir() -> Path:
+    """``$CALLOOP_CONFIG_DIR``, else ``./config`` if present, else the repository's ``config/``."""
+    env = os.environ.get("CALLOOP_CONFIG_DIR")
+    if env:
+        return Path(env)
+    local = Path.cwd() / "config"
+    if (local / "loop.yaml").exists():
+        return local
+    return Path(__file__).resolve().parent.parent / "config"
+
+
+def dump_yaml(path: Path, data: dict[str, Any]) -> None:
+    """Write a config mapping as YAML atomically (used by the demo and tests)."""
+    from loop.fsutil import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))

@@ -1,0 +1,1 @@
+"""The embedded simulated experiment: run registry, detector and scenario player."""

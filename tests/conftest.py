@@ -1,0 +1,59 @@
+"""Shared fixtures: real loopback servers, real files, and the CI rule for components.
+
+Under ``CI=true`` a test that needs a real component (PostgreSQL, Slurm, graphviz) fails
+when the component is missing instead of skipping, so a broken CI machine cannot pass.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from loop.sim.registry_server import RegistryServer
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO / "config"
+
+
+def require(component: str, available: bool, hint: str) -> None:
+    """Skip (developer machine) or fail (CI) when ``component`` is not available."""
+    if available:
+        return
+    message = f"{component} is not available: {hint}"
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI=true requires {message}")
+    pytest.skip(message)
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Iterator[RegistryServer]:
+    """A real registry HTTP server on a free loopback port, backed by a state file."""
+    server = RegistryServer(tmp_path / "registry_state.json").start_background()
+    yield server
+    server.stop()
+
+
+def run_cli(
+    *args: str, cwd: Path | None = None, timeout: float = 120, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``calloop`` in a subprocess exactly as an operator would."""
+    return subprocess.run(
+        [sys.executable, "-m", "loop.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
+
+
+def have(binary: str) -> bool:
+    """True when ``binary`` is on PATH."""
+    return shutil.which(binary) is not None

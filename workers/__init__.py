@@ -1,0 +1,1 @@
+"""Job payloads (reco, alca, harvest), calibration algorithms and job backends."""
