@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 from typing import Any
 
-from loop.commands import config_cmd, sim_cmd
+from loop.commands import config_cmd, sim_cmd, store_cmd
 
-Subparsers = Any  # argparse's _SubParsersAction is private; typed loosely on purpose
-COMMAND_GROUPS: list[Callable[[Subparsers], None]] = [
+COMMAND_GROUPS: list[Callable[[Any], None]] = [
     config_cmd.register,
     sim_cmd.register,
+    store_cmd.register,
 ]
-
-
-def add_json_flag(parser: argparse.ArgumentParser) -> None:
-    """``--json`` for read commands: machine-readable output instead of a table."""
-    parser.add_argument("--json", action="store_true", help="print JSON instead of text")

@@ -1,0 +1,219 @@
+"""Crash-safe in-place modification of an HDF5 file: a page-level redo journal.
+
+HDF5 updates metadata in place, so a writer killed during a flush can leave a file that
+no longer opens. :class:`JournaledFile` is the file object h5py writes through (its
+``fileobj`` driver): every write lands in dirty in-memory pages and the file on disk is
+untouched until :meth:`JournaledFile.commit`, which
+
+1. writes all dirty pages, the final length and a SHA-256 to ``<file>.journal.tmp``,
+   fsyncs it and renames it to ``<file>.journal`` (the commit point);
+2. applies the pages to the file and fsyncs it;
+3. removes the journal.
+
+:func:`recover` (run under the writer lock before any access) replays a complete journal
+and discards anything else, so after a SIGKILL at any moment the file holds either the
+whole transaction or none of it. The cost of a commit is the number of pages HDF5
+touched, not the size of the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import struct
+from pathlib import Path
+
+from loop.fsutil import fsync_dir
+
+PAGE = 4096
+MAGIC = b"CALJRNL1"
+_HEADER = struct.Struct("<8sQQQ")  # magic, final length, zero-from offset, page count
+_INDEX = struct.Struct("<Q")
+
+
+def journal_path(path: Path) -> Path:
+    """The journal file of ``path``."""
+    return path.with_name(path.name + ".journal")
+
+
+class JournaledFile(io.RawIOBase):
+    """A read-write view of ``path`` whose writes stay in memory until :meth:`commit`."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path
+        self._fd = os.open(path, os.O_RDWR)
+        self._base_len = os.fstat(self._fd).st_size
+        self._len = self._base_len
+        self._zero_from = self._base_len  # base bytes at or past this offset read as zero
+        self._pages: dict[int, bytearray] = {}
+        self._pos = 0
+
+    # io.RawIOBase protocol (what h5py's fileobj driver calls)
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._len}[whence]
+        self._pos = base + offset
+        return self._pos
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        data = self._read_at(self._pos, len(buffer))
+        buffer[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:  # type: ignore[override]
+        view = memoryview(data).cast("B")
+        offset, done = self._pos, 0
+        while done < len(view):
+            index, start = divmod(offset + done, PAGE)
+            count = min(PAGE - start, len(view) - done)
+            self._page(index)[start : start + count] = view[done : done + count]
+            done += count
+        self._pos += done
+        self._len = max(self._len, self._pos)
+        return done
+
+    def truncate(self, size: int | None = None) -> int:
+        size = self._pos if size is None else size
+        if size < self._len:
+            for index in [i for i in self._pages if i * PAGE >= size]:
+                del self._pages[index]
+            last = self._pages.get(size // PAGE)
+            if last is not None:
+                last[size % PAGE :] = bytes(PAGE - size % PAGE)
+            self._zero_from = min(self._zero_from, size)
+        self._len = size
+        return size
+
+    def flush(self) -> None:
+        """Nothing reaches the disk before :meth:`commit`."""
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self._fd)
+        super().close()
+
+    # paging
+    def _base_page(self, index: int) -> bytearray:
+        page = bytearray(PAGE)
+        start = index * PAGE
+        if start < self._zero_from:
+            chunk = os.pread(self._fd, min(PAGE, self._zero_from - start), start)
+            page[: len(chunk)] = chunk
+        return page
+
+    def _page(self, index: int) -> bytearray:
+        page = self._pages.get(index)
+        if page is None:
+            page = self._pages[index] = self._base_page(index)
+        return page
+
+    def _read_at(self, offset: int, size: int) -> bytes:
+        size = max(0, min(size, self._len - offset))
+        out = bytearray()
+        while len(out) < size:
+            index, start = divmod(offset + len(out), PAGE)
+            count = min(PAGE - start, size - len(out))
+            page = self._pages.get(index)
+            if page is None:
+                page = self._base_page(index)
+            out += page[start : start + count]
+        return bytes(out)
+
+    # commit
+    @property
+    def dirty_pages(self) -> int:
+        """How many pages the transaction changed."""
+        return len(self._pages)
+
+    def commit(self) -> None:
+        """Make every write durable atomically (see the module docstring)."""
+        if not self._pages and self._len == self._base_len == self._zero_from:
+            return
+        body = bytearray(_HEADER.pack(MAGIC, self._len, self._zero_from, len(self._pages)))
+        for index in sorted(self._pages):
+            body += _INDEX.pack(index) + self._pages[index]
+        body += hashlib.sha256(body).digest()
+        target = journal_path(self.path)
+        tmp = target.with_name(target.name + ".tmp")
+        with open(tmp, "wb") as fh:
+            fh.write(body)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+        fsync_dir(target.parent)
+        _apply(self.path, bytes(body))
+        self._base_len = self._zero_from = self._len
+        self._pages.clear()
+
+
+def _parse(blob: bytes) -> tuple[int, int, list[tuple[int, bytes]]] | None:
+    """(final length, zero-from offset, pages) of a journal, or None if it is torn."""
+    if len(blob) < _HEADER.size + 32 or hashlib.sha256(blob[:-32]).digest() != blob[-32:]:
+        return None
+    magic, length, zero_from, count = _HEADER.unpack_from(blob)
+    if magic != MAGIC or len(blob) != _HEADER.size + count * (_INDEX.size + PAGE) + 32:
+        return None
+    pages, offset = [], _HEADER.size
+    for _ in range(count):
+        (index,) = _INDEX.unpack_from(blob, offset)
+        pages.append((index, blob[offset + _INDEX.size : offset + _INDEX.size + PAGE]))
+        offset += _INDEX.size + PAGE
+    return length, zero_from, pages
+
+
+def _apply(path: Path, blob: bytes) -> None:
+    parsed = _parse(blob)
+    if parsed is None:
+        raise ValueError(f"journal of {path} is corrupt")
+    length, zero_from, pages = parsed
+    fd = os.open(path, os.O_RDWR)
+    try:
+        if zero_from < os.fstat(fd).st_size:
+            os.ftruncate(fd, zero_from)  # bytes the transaction truncated away read as zero
+        for index, page in pages:
+            start = index * PAGE
+            if start < length:
+                os.pwrite(fd, page[: length - start], start)
+        os.ftruncate(fd, length)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    journal_path(path).unlink(missing_ok=True)
+    fsync_dir(path.parent)
+
+
+def recover(path: Path) -> str | None:
+    """Finish or discard an interrupted commit of ``path``. Call under the writer lock.
+
+    Returns ``"replayed"``, ``"discarded"`` or None when there was nothing to do.
+    """
+    target = journal_path(path)
+    target.with_name(target.name + ".tmp").unlink(missing_ok=True)
+    if not target.exists():
+        return None
+    blob = target.read_bytes()
+    if _parse(blob) is None:
+        target.unlink()
+        fsync_dir(path.parent)
+        return "discarded"
+    _apply(path, blob)
+    return "replayed"
+
+
+def pending(path: Path) -> bool:
+    """True when ``path`` has a journal to replay (readers must wait for a writer)."""
+    return journal_path(path).exists()
