@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from loop.sim.registry_server import RegistryServer
+from tests.infra.postgres import PostgresServer, initdb_binary
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO / "config"
@@ -57,3 +58,24 @@ def run_cli(
 def have(binary: str) -> bool:
     """True when ``binary`` is on PATH."""
     return shutil.which(binary) is not None
+
+
+# ------------------------------------------------------------------------- PostgreSQL
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A real PostgreSQL server for the whole session (see tests/infra/postgres.py)."""
+    require(
+        "PostgreSQL",
+        initdb_binary() is not None,
+        "apt-get install postgresql (tests/run.sh does it as root)",
+    )
+    with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer) -> str:
+    """A fresh, empty database on the session's PostgreSQL server."""
+    return postgres_server.create_database()

@@ -1,0 +1,1 @@
+"""Conditions database: library, HTTP service and client (see loop.conddb.client)."""

@@ -1,0 +1,365 @@
+"""The conditions-DB HTTP service (FastAPI): ``calloop conddb serve --db URL --port P``.
+
+Reads are open unless ``read_token_required``; writes need a bearer token whose tag
+patterns cover every tag the write touches. Every write lands in the tag log with the
+token's user and the client's address. Request bodies are capped; invalid input gets a
+4xx with a message, never a 500. The OpenAPI spec is served at ``/openapi.json``.
+"""
+
+# No ``from __future__ import annotations`` here: FastAPI resolves the local Annotated
+# dependency aliases (Writer) from real annotation objects, not strings.
+
+import base64
+import binascii
+import io
+import threading
+import time
+from typing import Annotated, Any, Literal
+
+import numpy as np
+import uvicorn
+from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from loop import __version__
+from loop.conddb.db import (
+    NPY_STREAMER,
+    STREAMERS,
+    ConditionsDatabase,
+    InvalidRequest,
+    NotFound,
+    as_dict,
+    tag_allowed,
+)
+from loop.errors import ConditionsError
+
+DEFAULT_MAX_BODY = 16 * 1024 * 1024
+MAX_SINCE = 2**63 - 1
+Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.\-]{1,100}$")]
+Label = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.\-]{0,100}$")]
+Text = Annotated[str, StringConstraints(max_length=4000)]
+PathName = Annotated[str, Path(pattern=r"^[A-Za-z0-9_.\-]{1,100}$")]
+Run = Annotated[int | None, Query(ge=0, le=2**31)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TagCreate(_Strict):
+    """Body of ``POST /api/v1/tags``."""
+
+    name: Name
+    time_type: Literal["run", "lumi", "time"]
+    object_type: Name
+    synchronization: Literal[
+        "any", "validation", "offline", "mc", "hlt", "express", "prompt", "pcl"
+    ] = "any"
+    description: Text = ""
+
+
+class UploadMetadata(_Strict):
+    """The CMS-style metadata record of an upload."""
+
+    destinationTags: dict[Name, dict[str, Any]] = Field(min_length=1, max_length=20)
+    inputTag: Text = ""
+    since: int = Field(ge=0, le=MAX_SINCE)
+    userText: Text = ""
+
+
+class UploadRequest(_Strict):
+    """Body of ``POST /api/v1/upload``: metadata plus the base64 payload."""
+
+    metadata: UploadMetadata
+    streamer_info: Literal["numpy-npy-v1", "raw-bytes"] = "numpy-npy-v1"
+    payload_b64: str = Field(min_length=1)
+
+
+class GlobalTagCreate(_Strict):
+    """Body of ``POST /api/v1/globaltags``."""
+
+    name: Name
+    description: Text = ""
+    release: Annotated[str, StringConstraints(max_length=100)] = ""
+    snapshot_time: float | None = Field(None, ge=0, le=1e12)
+
+
+class GlobalTagMapEntry(_Strict):
+    """Body of ``POST /api/v1/globaltags/{name}/map``."""
+
+    record: Name
+    label: Label = ""
+    tag: Name
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """ASGI middleware answering 413 to bodies over ``limit`` bytes (streamed or not)."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            await self._reject(scope, receive, send)
+            return
+        received = 0
+
+        async def limited() -> Any:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await self._reject(scope, receive, send)
+
+    async def _reject(self, scope: Any, receive: Any, send: Any) -> None:
+        response = JSONResponse(
+            {"detail": f"request body exceeds {self.limit} bytes"}, status_code=413
+        )
+        await response(scope, receive, send)
+
+
+def create_app(
+    db: ConditionsDatabase,
+    *,
+    read_token_required: bool = False,
+    max_body_bytes: int = DEFAULT_MAX_BODY,
+) -> FastAPI:
+    """Build the service around an open database."""
+    app = FastAPI(title="calloop conditions DB", version=__version__)
+    bearer = HTTPBearer(auto_error=False)
+
+    def writer(
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+    ) -> tuple[str, list[str]]:
+        if credentials is None:
+            raise HTTPException(
+                401,
+                "a bearer token is required for this request",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        identity = db.authenticate(credentials.credentials)
+        if identity is None:
+            raise HTTPException(
+                401, "invalid or revoked token", headers={"WWW-Authenticate": "Bearer"}
+            )
+        return identity
+
+    def reader(
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+    ) -> None:
+        if read_token_required:
+            writer(credentials)
+
+    Writer = Annotated[tuple[str, list[str]], Depends(writer)]
+    Reader = Depends(reader)
+
+    def allow(identity: tuple[str, list[str]], tags: list[str]) -> str:
+        user, patterns = identity
+        denied = [t for t in tags if not tag_allowed(patterns, t)]
+        if denied:
+            raise HTTPException(403, f"token of {user} may not write tag(s) {', '.join(denied)}")
+        return user
+
+    @app.exception_handler(ConditionsError)
+    async def _conditions_error(_request: Request, exc: ConditionsError) -> JSONResponse:
+        status = (
+            404 if isinstance(exc, NotFound) else 400 if isinstance(exc, InvalidRequest) else 409
+        )
+        return JSONResponse({"detail": str(exc)}, status_code=status)
+
+    @app.get("/api/v1/tags", dependencies=[Reader])
+    def list_tags() -> list[dict[str, Any]]:
+        return [as_dict(t) for t in db.tags()]
+
+    @app.get("/api/v1/tags/{name}", dependencies=[Reader])
+    def get_tag(name: PathName) -> dict[str, Any]:
+        return as_dict(db.tag(name))
+
+    @app.get("/api/v1/tags/{name}/iovs", dependencies=[Reader])
+    def get_iovs(
+        name: PathName,
+        snapshot: Annotated[float | None, Query(ge=0, le=1e12)] = None,
+        history: bool = False,
+    ) -> list[dict[str, Any]]:
+        return [as_dict(i) for i in db.iovs(name, snapshot=snapshot, history=history)]
+
+    @app.get("/api/v1/tags/{name}/log", dependencies=[Reader])
+    def get_log(name: PathName) -> list[dict[str, Any]]:
+        return db.taglog(name)
+
+    @app.get("/api/v1/payloads/{digest}", dependencies=[Reader])
+    def get_payload(digest: Annotated[str, Path(pattern=r"^[0-9a-f]{64}$")]) -> Response:
+        blob = db.payload(digest)
+        return Response(
+            blob.data,
+            media_type="application/octet-stream",
+            headers={
+                "X-Object-Type": blob.object_type,
+                "X-Streamer-Info": blob.streamer_info,
+                "X-Insertion-Time": repr(blob.insertion_time),
+            },
+        )
+
+    @app.get("/api/v1/resolve", dependencies=[Reader])
+    def resolve(
+        *,
+        tag: Annotated[str | None, Query(pattern=r"^[A-Za-z0-9_.\-]{1,100}$")] = None,
+        global_tag: Annotated[str | None, Query(pattern=r"^[A-Za-z0-9_.\-]{1,100}$")] = None,
+        record: Annotated[str | None, Query(pattern=r"^[A-Za-z0-9_.\-]{1,100}$")] = None,
+        label: Annotated[str, Query(pattern=r"^[A-Za-z0-9_.\-]{0,100}$")] = "",
+        run: Run = None,
+        ls: Run = None,
+        time: Annotated[float | None, Query(ge=0, le=1e12)] = None,
+        snapshot: Annotated[float | None, Query(ge=0, le=1e12)] = None,
+    ) -> dict[str, Any]:
+        return as_dict(
+            db.resolve(
+                tag=tag,
+                global_tag=global_tag,
+                record=record,
+                label=label,
+                run=run,
+                ls=ls,
+                time_point=time,
+                snapshot=snapshot,
+            )
+        )
+
+    @app.get("/api/v1/globaltags", dependencies=[Reader])
+    def list_global_tags() -> list[str]:
+        return db.global_tags()
+
+    @app.get("/api/v1/globaltags/{name}", dependencies=[Reader])
+    def get_global_tag(name: PathName) -> dict[str, Any]:
+        return db.global_tag(name)
+
+    @app.post("/api/v1/tags", status_code=201)
+    def create_tag(body: TagCreate, identity: Writer, request: Request) -> dict[str, Any]:
+        user = allow(identity, [body.name])
+        return as_dict(
+            db.create_tag(
+                body.name,
+                time_type=body.time_type,
+                object_type=body.object_type,
+                synchronization=body.synchronization,
+                description=body.description,
+                user=user,
+                host=_client(request),
+            )
+        )
+
+    @app.post("/api/v1/upload")
+    def upload(body: UploadRequest, identity: Writer, request: Request) -> list[dict[str, Any]]:
+        tags = list(body.metadata.destinationTags)
+        user = allow(identity, tags)
+        data = _decode(body.payload_b64, body.streamer_info)
+        return [
+            as_dict(
+                db.upload_encoded(
+                    tag,
+                    body.metadata.since,
+                    data,
+                    body.streamer_info,
+                    user=user,
+                    host=_client(request),
+                    user_text=body.metadata.userText,
+                    input_tag=body.metadata.inputTag,
+                )
+            )
+            for tag in tags
+        ]
+
+    @app.post("/api/v1/globaltags", status_code=201)
+    def create_global_tag(
+        body: GlobalTagCreate, identity: Writer, request: Request
+    ) -> dict[str, Any]:
+        # any valid token may create a global tag; mapping a tag into it is scoped
+        return db.create_global_tag(
+            body.name,
+            description=body.description,
+            release=body.release,
+            snapshot_time=body.snapshot_time,
+            user=identity[0],
+            host=_client(request),
+        )
+
+    @app.post("/api/v1/globaltags/{name}/map")
+    def map_global_tag(
+        name: PathName, body: GlobalTagMapEntry, identity: Writer, request: Request
+    ) -> dict[str, Any]:
+        user = allow(identity, [body.tag])
+        return db.map_global_tag(
+            name, body.record, body.label, body.tag, user=user, host=_client(request)
+        )
+
+    app.add_middleware(BodyLimit, limit=max_body_bytes)
+    return app
+
+
+def _client(request: Request) -> str:
+    return request.client.host if request.client else ""
+
+
+def _decode(payload_b64: str, streamer: str) -> bytes:
+    try:
+        data = base64.b64decode(payload_b64, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequest("payload_b64 is not valid base64") from None
+    if streamer == NPY_STREAMER:
+        try:
+            np.load(io.BytesIO(data), allow_pickle=False)
+        except (ValueError, OSError, EOFError):
+            raise InvalidRequest(
+                "payload is not a valid .npy array (pickles are refused)"
+            ) from None
+    assert streamer in STREAMERS
+    return data
+
+
+class ServiceThread:
+    """Run the service with uvicorn in a background thread (tests, demo, benchmarks)."""
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> None:
+        config = uvicorn.Config(
+            app, host=host, port=port, log_level="warning", lifespan="off", access_log=False
+        )
+        self.server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def start(self, timeout: float = 10.0) -> "ServiceThread":
+        """Start and wait until the socket listens."""
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError("conditions DB service did not start")
+            time.sleep(0.01)
+        return self
+
+    @property
+    def url(self) -> str:
+        """Base URL of the running service."""
+        host, port = self.server.servers[0].sockets[0].getsockname()[:2]
+        return f"http://{host}:{port}"
+
+    def stop(self) -> None:
+        """Stop serving and join the thread."""
+        self.server.should_exit = True
+        self._thread.join(timeout=10)
