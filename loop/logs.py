@@ -158,6 +158,8 @@ def setup_logging(
         stream.setLevel(console_level)
         stream.setFormatter(text)
         root.addHandler(_tagged(stream))
+    # watchdog logs every inotify event at DEBUG: noise, not information, for an expert
+    logging.getLogger("watchdog").setLevel(logging.INFO)
     transitions_logger = logging.getLogger("transitions.core")
     if not any(isinstance(f, DemoteToDebug) for f in transitions_logger.filters):
         transitions_logger.addFilter(DemoteToDebug())

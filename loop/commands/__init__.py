@@ -5,11 +5,20 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from loop.commands import conddb_cmd, config_cmd, sim_cmd, store_cmd
+from loop.commands import (
+    conddb_cmd,
+    config_cmd,
+    daemon_cmd,
+    demo_cmd,
+    sim_cmd,
+    store_cmd,
+)
 
 COMMAND_GROUPS: list[Callable[[Any], None]] = [
     config_cmd.register,
     sim_cmd.register,
     store_cmd.register,
     conddb_cmd.register,
+    daemon_cmd.register,
+    demo_cmd.register,
 ]

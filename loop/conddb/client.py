@@ -18,6 +18,7 @@ import requests
 
 from loop.conddb.db import (
     ConditionsDatabase,
+    ConditionsUnavailable,
     InvalidRequest,
     IOVInfo,
     NotFound,
@@ -132,7 +133,7 @@ class HttpConditions:
         try:
             response = retry_call(attempt, self.attempts, self.backoff_s, (_Retry,), self._sleep)
         except _Retry as exc:
-            raise ConditionsError(
+            raise ConditionsUnavailable(
                 f"conditions DB {self.url} unreachable after {self.attempts} attempts ({exc})"
             ) from None
         if response.status_code >= 400:

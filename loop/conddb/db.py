@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 from sqlalchemy import Engine, create_engine, event, func, insert, select
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from loop.conddb.models import (
@@ -52,6 +52,10 @@ class NotFound(ConditionsError):
 
 class InvalidRequest(ConditionsError):
     """Arguments that can never succeed (HTTP 400)."""
+
+
+class ConditionsUnavailable(ConditionsError):
+    """The database or service cannot be reached now; the same call may work later."""
 
 
 # ---------------------------------------------------------------------------- records
@@ -201,6 +205,10 @@ class ConditionsDatabase:
                 yield session
         except ConditionsError:
             raise
+        except OperationalError as exc:  # server down, database locked, network trouble
+            raise ConditionsUnavailable(
+                f"conditions DB {self.url} unavailable: {str(exc).splitlines()[0]}"
+            ) from None
         except SQLAlchemyError as exc:
             raise ConditionsError(
                 f"conditions DB {self.url}: {type(exc).__name__}: {str(exc).splitlines()[0]}"

@@ -416,15 +416,19 @@ class Detector:
             index = self._index(snap, ctype)
             return sorted(index.entries, key=lambda e: e.name)
 
-    def versions(self, ctype: str | None = None) -> list[VersionInfo]:
-        """Every version (of one ctype, or all), oldest first."""
+    def versions(
+        self, ctype: str | None = None, range_name: str | None = None
+    ) -> list[VersionInfo]:
+        """Every version (of one ctype, of one of its ranges, or all), oldest first."""
         with self._reading() as snap:
             infos = []
-            for vid, (vctype, range_name) in sorted(snap.versions.items()):
-                if ctype is not None and vctype != ctype:
+            for vid, (vctype, vrange) in sorted(snap.versions.items()):
+                if (ctype is not None and vctype != ctype) or (
+                    range_name is not None and vrange != range_name
+                ):
                     continue
-                range_group = snap.h5[vctype][range_name]
-                infos.append(self._version_info(range_group, vid, vctype, range_name))
+                range_group = snap.h5[vctype][vrange]
+                infos.append(self._version_info(range_group, vid, vctype, vrange))
             return infos
 
     @staticmethod

@@ -1,0 +1,112 @@
+"""``calloop step2|step3|step4 -c <Calibration>``, ``calloop status`` and ``calloop graph``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from loop.commands.common import add_json_flag, emit
+from loop.config import LoopConfig, default_config_dir, load_loop_config
+from loop.daemon import STEPS, Daemon
+from loop.errors import CalloopError
+from loop.logs import setup_logging
+
+
+def add_config_option(parser: argparse.ArgumentParser) -> None:
+    """``--config loop.yaml`` (default: the config directory's loop.yaml)."""
+    parser.add_argument("--config", type=Path, help="loop.yaml (default: config/loop.yaml)")
+
+
+def loop_config_from(args: argparse.Namespace) -> LoopConfig:
+    """The loop configuration named on the command line."""
+    return load_loop_config(args.config or default_config_dir() / "loop.yaml")
+
+
+def register(subparsers: Any) -> None:
+    """Add the daemon commands, ``status`` and ``graph``."""
+    for step in STEPS:
+        parser = subparsers.add_parser(step, help=f"run the {step} daemon of one calibration")
+        parser.add_argument("-c", "--calibration", required=True, help="calibration name")
+        add_config_option(parser)
+        parser.add_argument("--quiet", action="store_true", help="no log lines on stderr")
+        parser.set_defaults(handler=run_daemon, step=step)
+    status = subparsers.add_parser("status", help="pid, heartbeat, runs and jobs of each daemon")
+    add_config_option(status)
+    add_json_flag(status)
+    status.set_defaults(handler=cmd_status)
+    graph = subparsers.add_parser("graph", help="draw a step's state machine")
+    graph.add_argument("step", choices=STEPS)
+    graph.add_argument("--out", type=Path, required=True, help="file.svg, file.png or file.md")
+    graph.set_defaults(handler=cmd_graph)
+
+
+def run_daemon(args: argparse.Namespace) -> int:
+    """Run one daemon in the foreground (tmux or systemd)."""
+    loop_config = loop_config_from(args)
+    setup_logging(loop_config.log_dir, args.calibration, args.step, console=not args.quiet)
+    return Daemon(args.step, loop_config, args.calibration).run_forever()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def collect_status(loop_config: LoopConfig) -> list[dict[str, Any]]:
+    """Every daemon's status file under the work directory, with heartbeat age."""
+    now = time.time()
+    rows = []
+    for path in sorted(loop_config.work_dir.glob("*/step*.status.json")):
+        try:
+            status = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        status["heartbeat_age_s"] = round(now - float(status.get("heartbeat", 0)), 1)
+        status["alive"] = status.get("state") == "running" and _alive(int(status.get("pid", 0)))
+        rows.append(status)
+    return rows
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Print the status table."""
+    rows = collect_status(loop_config_from(args))
+
+    def text() -> str:
+        lines = [
+            f"{'calibration':<16} {'step':<6} {'pid':>7} {'state':<8} {'beat':>6} "
+            f"{'run':>6} {'fail':>5} runs in flight / last upload"
+        ]
+        for r in rows:
+            runs = ", ".join(f"{k}:{v}" for k, v in r.get("runs_in_flight", {}).items()) or "-"
+            upload = r.get("last_upload")
+            extra = f" | last upload run {upload['run']} {upload['status']}" if upload else ""
+            state = r["state"] if r["alive"] or r["state"] != "running" else "DEAD"
+            lines.append(
+                f"{r['calibration']:<16} {r['step']:<6} {r['pid']:>7} {state:<8} "
+                f"{r['heartbeat_age_s']:>5}s {r.get('jobs_running', 0):>6} "
+                f"{r.get('jobs_failed', 0):>5} {runs}{extra}"
+            )
+        return "\n".join(lines) if rows else "(no daemon has run under this work directory)"
+
+    return emit(args, rows, text)
+
+
+def cmd_graph(args: argparse.Namespace) -> int:
+    """Draw the step's machine with transitions' diagram support."""
+    from states.graph import draw
+
+    suffix = args.out.suffix.lower()
+    if suffix not in (".svg", ".png", ".md"):
+        raise CalloopError(f"--out {args.out}: use a .svg, .png or .md file name")
+    draw(args.step, args.out)
+    print(f"{args.step} state machine written to {args.out}")
+    return 0

@@ -1,0 +1,372 @@
+"""``calloop demo``: the whole loop on one machine, end to end, as separate processes.
+
+A fresh work directory gets a loop.yaml and the shipped calibrations; the simulated
+registry, the six daemons (two calibrations x three steps) and the scenario player
+run as their own processes; when every run is processed the daemons are stopped with
+SIGTERM and the results are compared with the simulator's truth.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from loop.conddb.client import ConditionsDB
+from loop.config import (
+    CalibrationConfig,
+    LoopConfig,
+    dump_yaml,
+    load_all_calibrations,
+    load_loop_config,
+)
+from loop.errors import CalloopError, StoreError
+from loop.journal import Journal
+from loop.sim.detector import load_truth
+from loop.sim.scenario import Scenario, load_scenario
+from loop.store import CalibStore, Validity
+from workers.algorithms import ChannelStatus
+
+REPO_CONFIG = Path(__file__).resolve().parent.parent / "config"
+FINAL_STEP2 = ("Done", "Skipped")
+
+
+def write_workspace(
+    root: Path,
+    *,
+    backend: str = "local",
+    registry_port: int = 0,
+    calibrations_from: Path = REPO_CONFIG / "calibrations",
+) -> Path:
+    """A self-contained config directory under ``root``; returns its loop.yaml path."""
+    config_dir = root / "config"
+    shutil.copytree(calibrations_from, config_dir / "calibrations", dirs_exist_ok=True)
+    loop_yaml = config_dir / "loop.yaml"
+    dump_yaml(
+        loop_yaml,
+        {
+            "work_dir": str(root / "work"),
+            "raw_root": str(root / "raw"),
+            "log_dir": str(root / "logs"),
+            "store_root": str(root / "calib"),
+            "registry_url": f"http://127.0.0.1:{registry_port}",
+            "conddb_url": f"sqlite:///{root / 'conddb.sqlite'}",
+            "lookback_hours": 8,
+            "poll": {"registry_s": 0.5, "observer": "inotify", "tick_s": 0.1, "heartbeat_s": 0.5},
+            "timeouts": {
+                "registry_s": 2,
+                "registry_attempts": 2,
+                "registry_backoff_s": 0.2,
+                "conddb_s": 5,
+                "conddb_attempts": 2,
+                "job_s": 300,
+                "shutdown_s": 10,
+            },
+            "jobs": {
+                "backend": backend,
+                "max_attempts": 3,
+                "retry_backoff_s": 0.5,
+                "local": {"max_parallel": 2},
+            },
+        },
+    )
+    return loop_yaml
+
+
+@dataclass
+class ProcessGroup:
+    """Child processes of the demo, each with its output in a log file."""
+
+    log_dir: Path
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    _files: list[IO[bytes]] = field(default_factory=list)
+
+    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        """``python -m loop.cli ARGS`` as a child named ``name``."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        out = open(self.log_dir / f"{name}.out", "ab")  # noqa: SIM115 (closed in stop_all)
+        self._files.append(out)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "loop.cli", *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        self.procs[name] = proc
+        return proc
+
+    def stop(self, name: str, timeout: float = 15.0) -> int | None:
+        """SIGTERM one child and wait for it (SIGKILL after ``timeout``)."""
+        proc = self.procs.pop(name, None)
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                return proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        return proc.wait()
+
+    def stop_all(self, timeout: float = 15.0) -> dict[str, int | None]:
+        """Stop every child; returns their exit codes."""
+        # newest first: daemons stop before the registry they poll
+        codes = {name: self.stop(name, timeout) for name in reversed(list(self.procs))}
+        for handle in self._files:
+            handle.close()
+        return codes
+
+
+def start_daemons(group: ProcessGroup, loop_yaml: Path, calibrations: list[str]) -> None:
+    """The three daemons of every calibration."""
+    for name in calibrations:
+        for step in ("step2", "step3", "step4"):
+            group.start(f"{name}-{step}", step, "-c", name, "--config", str(loop_yaml), "--quiet")
+
+
+def start_registry(group: ProcessGroup, root: Path) -> str:
+    """The simulated registry on a free port; returns its URL."""
+    port_file = root / "registry.port"
+    group.start(
+        "registry",
+        "registry",
+        "serve",
+        "--port",
+        "0",
+        "--port-file",
+        str(port_file),
+        "--state",
+        str(root / "registry_state.json"),
+    )
+    deadline = time.monotonic() + 30
+    while not port_file.exists():
+        if time.monotonic() > deadline:
+            raise CalloopError("the simulated registry did not start within 30 s")
+        time.sleep(0.05)
+    return f"http://127.0.0.1:{port_file.read_text().strip()}"
+
+
+def set_registry_url(loop_yaml: Path, url: str) -> None:
+    """Point loop.yaml at the registry that is actually running."""
+    import yaml
+
+    data = yaml.safe_load(loop_yaml.read_text())
+    data["registry_url"] = url
+    dump_yaml(loop_yaml, data)
+
+
+def _journal_states(loop_config: LoopConfig, calibration: str, step: str) -> dict[int, str]:
+    path = loop_config.work_dir / calibration / f"{step}.journal.sqlite"
+    if not path.exists():
+        return {}
+    journal = Journal(path)
+    try:
+        return dict(journal.all_runs())
+    finally:
+        journal.close()
+
+
+def is_complete(loop_config: LoopConfig, scenario: Scenario, calibrations: list[str]) -> bool:
+    """Every scenario run finished by step 2 and every processed run by steps 3 and 4."""
+    runs = {r.run_number for r in scenario.runs}
+    for name in calibrations:
+        step2 = _journal_states(loop_config, name, "step2")
+        if not runs <= set(step2) or any(step2[r] not in FINAL_STEP2 for r in runs):
+            return False
+        processed = {r for r in runs if step2[r] == "Done"}
+        for step in ("step3", "step4"):
+            states = _journal_states(loop_config, name, step)
+            if any(states.get(r) != "Done" for r in processed):
+                return False
+    return True
+
+
+# ------------------------------------------------------------------------- summary
+
+
+@dataclass
+class RunSummary:
+    """One row of the demo's table."""
+
+    calibration: str
+    run: int
+    step2: str
+    ls_seen: int
+    ls_processed: int
+    jobs: str  # succeeded/given up per step
+    versions: int
+    uploads: int
+    truth: str
+    ok: bool
+
+
+def _truth_check(
+    cal: CalibrationConfig, array: np.ndarray, summary: dict[str, Any], raw_root: Path
+) -> tuple[str, bool]:
+    truth = load_truth(raw_root / cal.raw_input.stream)
+    true_bad = set(np.flatnonzero(truth.status != ChannelStatus.GOOD).tolist())
+    if cal.payload.calibration_type == "bad_channels":
+        found = set(np.flatnonzero(array != ChannelStatus.GOOD).tolist())
+        same = bool(np.array_equal(array, truth.status))
+        return f"bad channels found {len(found)}/{len(true_bad)} true, exact={same}", same
+    good = truth.status == ChannelStatus.GOOD
+    events = max(int(summary.get("events", 1)), 1)
+    pull = np.abs(array[0][good] - truth.pedestal[good]) / (truth.noise[good] / np.sqrt(events))
+    noise_err = np.abs(array[1][good] / truth.noise[good] - 1)
+    found = set(summary.get("bad_list", []))
+    ok = bool(pull.max() < 6 and noise_err.max() < 0.3 and found == true_bad)
+    return (
+        f"pedestal max pull {pull.max():.1f}, noise max err {noise_err.max():.0%}, "
+        f"bad {len(found & true_bad)}/{len(true_bad)}"
+    ), ok
+
+
+def summarize(
+    loop_config: LoopConfig, scenario: Scenario, calibrations: dict[str, CalibrationConfig]
+) -> list[RunSummary]:
+    """Per run and calibration: what each step did and how the payload compares."""
+    rows = []
+    store = CalibStore(loop_config.store_root)
+    conditions = ConditionsDB.connect(loop_config.conddb_url, create=True)
+    for name, cal in calibrations.items():
+        journals = {
+            s: Journal(loop_config.work_dir / name / f"{s}.journal.sqlite")
+            for s in ("step2", "step3", "step4")
+        }
+        try:
+            iovs = {i.since for i in conditions.iovs(cal.payload.destination_tag, history=True)}
+        except CalloopError:
+            iovs = set()
+        for spec in scenario.runs:
+            rows.append(
+                _summarize_run(
+                    name,
+                    cal,
+                    spec.run_number,
+                    journals=journals,
+                    store=store,
+                    iovs=iovs,
+                    loop_config=loop_config,
+                )
+            )
+        for journal in journals.values():
+            journal.close()
+    conditions.close()
+    store.close()
+    return rows
+
+
+def _summarize_run(
+    name: str,
+    cal: CalibrationConfig,
+    run: int,
+    *,
+    journals: dict[str, Journal],
+    store: CalibStore,
+    iovs: set[int],
+    loop_config: LoopConfig,
+) -> RunSummary:
+    state = journals["step2"].run_state(run) or "unseen"
+    counts = {s: j.job_counts(run) for s, j in journals.items()}
+    jobs = " ".join(f"{c.get('succeeded', 0)}/{c.get('given_up', 0)}" for c in counts.values())
+    processed = sum(
+        len(journals["step2"].inputs_of(run, j.batch))
+        for j in journals["step2"].jobs(run=run)
+        if j.state == "succeeded"
+    )
+    base = RunSummary(
+        name,
+        run,
+        state,
+        journals["step2"].input_count(run),
+        processed,
+        jobs,
+        0,
+        0,
+        "-",
+        state == "Skipped",
+    )
+    if state != "Done":
+        return base
+    detector = store.detector(cal.detector, create=True)
+    try:
+        versions = detector.versions(cal.payload.ctype, Validity(begin_run=run).name())
+        final = detector.get(cal.payload.ctype, run=run)
+    except StoreError as exc:
+        base.truth = f"no payload: {exc}"
+        return base
+    uploads = len(journals["step4"].uploads(states=("done",), run=run))
+    truth, ok = _truth_check(
+        cal, final.array, final.metadata.get("quality", {}), loop_config.raw_root
+    )
+    base.versions, base.uploads, base.truth = len(versions), uploads, truth
+    base.ok = ok and run in iovs and processed == base.ls_seen
+    return base
+
+
+def format_table(rows: list[RunSummary]) -> str:
+    """The summary as aligned text."""
+    header = (
+        f"{'calibration':<14} {'run':>7} {'step2':<8} {'LS seen/proc':>12} "
+        f"{'jobs ok/failed s2 s3 s4':<24} {'versions':>8} {'uploads':>7}  truth"
+    )
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lines.append(
+            f"{r.calibration:<14} {r.run:>7} {r.step2:<8} "
+            f"{f'{r.ls_seen}/{r.ls_processed}':>12} {r.jobs:<24} {r.versions:>8} "
+            f"{r.uploads:>7}  {r.truth} {'OK' if r.ok else 'MISMATCH'}"
+        )
+    return "\n".join(lines)
+
+
+def run_demo(
+    root: Path,
+    scenario_path: Path,
+    *,
+    speed: float = 50.0,
+    timeout_s: float = 110.0,
+    backend: str = "local",
+) -> tuple[list[RunSummary], bool, float]:
+    """Run everything; returns (rows, all ok, seconds). Processes are always stopped."""
+    started = time.monotonic()
+    scenario = load_scenario(scenario_path)
+    loop_yaml = write_workspace(root, backend=backend)
+    group = ProcessGroup(root / "processes")
+    try:
+        set_registry_url(loop_yaml, start_registry(group, root))
+        loop_config = load_loop_config(loop_yaml)
+        calibrations, problems = load_all_calibrations(loop_config.calibrations_dir)
+        if problems:
+            raise CalloopError("; ".join(problems))
+        start_daemons(group, loop_yaml, list(calibrations))
+        player = group.start(
+            "player",
+            "sim",
+            "play",
+            str(scenario_path),
+            "--speed",
+            str(speed),
+            "--state",
+            str(root / "registry_state.json"),
+            "--raw-root",
+            str(loop_config.raw_root),
+        )
+        deadline = started + timeout_s
+        while time.monotonic() < deadline:
+            if player.poll() is not None and is_complete(loop_config, scenario, list(calibrations)):
+                break
+            time.sleep(0.25)
+        complete = is_complete(loop_config, scenario, list(calibrations))
+    finally:
+        codes = group.stop_all()
+    rows = summarize(loop_config, scenario, calibrations)
+    clean = all(code == 0 for name, code in codes.items() if name != "player")
+    return rows, complete and clean and all(r.ok for r in rows), time.monotonic() - started

@@ -1,0 +1,206 @@
+"""Job lifecycle on top of a backend: submit within limits, poll all at once, retry with
+backoff, give up loudly, and re-adopt after a restart.
+
+Journal states: ``pending`` -> ``submitting`` -> ``submitted`` -> (``running``) ->
+``succeeded`` | ``retry`` (-> ``submitting`` ...) | ``given_up``. ``submitting`` is written
+*before* the backend is called, so a crash mid-submission is resolved on restart by
+asking the backend whether the attempt exists (:meth:`Backend.find`) instead of
+submitting it twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from loop.errors import CalloopError, JobError
+from loop.journal import IN_FLIGHT_STATES, JobRow, Journal
+from workers.backends.base import Backend, JobSpec, JobState, JobStatus
+
+
+class BackendUnavailable(JobError):
+    """The batch system cannot be reached now: wait and retry, do not fail jobs."""
+
+
+@dataclass(frozen=True)
+class JobPolicy:
+    """Retry and resource policy for one daemon's jobs."""
+
+    max_attempts: int
+    retry_backoff_s: float
+    timeout_s: float
+    key_prefix: str  # <calibration>.<step>
+    env: dict[str, str]
+    resources: dict[str, Any]
+
+
+SuccessHook = Callable[[JobRow, JobStatus], None]
+
+
+class JobManager:
+    """Moves the jobs of one daemon through their lifecycle."""
+
+    def __init__(
+        self,
+        journal: Journal,
+        backend: Backend,
+        policy: JobPolicy,
+        on_success: SuccessHook,
+        log: structlog.stdlib.BoundLogger,
+    ) -> None:
+        self.journal = journal
+        self.backend = backend
+        self.policy = policy
+        self.on_success = on_success
+        self.log = log
+
+    def spec(self, job: JobRow, attempt: int) -> JobSpec:
+        """The backend's view of one attempt of a job."""
+        return JobSpec(
+            key=f"{self.policy.key_prefix}.run{job.run}.b{job.batch:04d}",
+            argv=job.argv,
+            job_dir=job.job_dir,
+            attempt=attempt,
+            timeout_s=self.policy.timeout_s,
+            env=self.policy.env,
+            resources=self.policy.resources,
+        )
+
+    def adopt(self) -> None:
+        """After a restart: resolve attempts whose submission was interrupted."""
+        for job in self.journal.jobs(states=("submitting",)):
+            found = self.backend.find(self.spec(job, job.attempts))
+            if found is None:
+                self.journal.update_job(
+                    job.run, job.batch, state="pending", attempts=job.attempts - 1
+                )
+                self.log.warning(
+                    "interrupted submission not found; will resubmit", run=job.run, batch=job.batch
+                )
+            else:
+                self.journal.update_job(job.run, job.batch, state="submitted", backend_id=found)
+                self.log.info("re-adopted job", run=job.run, batch=job.batch, backend_id=found)
+
+    def submit_ready(self, now: float) -> int:
+        """Submit due jobs while the backend has room; returns how many were submitted."""
+        in_flight = len(self.journal.jobs(states=IN_FLIGHT_STATES))
+        room = self.backend.max_in_flight - in_flight
+        submitted = 0
+        for job in self.journal.jobs(states=("pending", "retry")):
+            if room <= 0:
+                break
+            if job.next_attempt > now:
+                continue
+            if not self._submit(job, now):
+                break
+            room -= 1
+            submitted += 1
+        return submitted
+
+    def _submit(self, job: JobRow, now: float) -> bool:
+        attempt = job.attempts + 1
+        spec = self.spec(job, attempt)
+        self.journal.update_job(job.run, job.batch, state="submitting", attempts=attempt)
+        try:
+            backend_id = self.backend.submit(spec)
+        except BackendUnavailable as exc:
+            self.journal.update_job(job.run, job.batch, state=job.state, attempts=job.attempts)
+            self.log.warning("batch system unavailable; will retry submission", error=str(exc))
+            return False
+        except JobError as exc:
+            self._failed(job, attempt, JobStatus(JobState.FAILED, None, str(exc)), now)
+            return True
+        self.journal.update_job(
+            job.run, job.batch, state="submitted", backend_id=backend_id, submitted=now
+        )
+        self.log.info(
+            "job submitted", run=job.run, batch=job.batch, attempt=attempt, backend_id=backend_id
+        )
+        return True
+
+    def poll(self, now: float) -> None:
+        """One backend poll for every job in flight; finish, retry or give up."""
+        open_jobs = {
+            j.backend_id: j
+            for j in self.journal.jobs(states=("submitted", "running"))
+            if j.backend_id
+        }
+        if not open_jobs:
+            return
+        specs = {bid: self.spec(job, job.attempts) for bid, job in open_jobs.items()}
+        try:
+            statuses = self.backend.poll(specs)
+        except BackendUnavailable as exc:
+            self.log.warning("batch system unavailable; jobs keep their state", error=str(exc))
+            return
+        for backend_id, status in statuses.items():
+            job = open_jobs[backend_id]
+            if status.state is JobState.RUNNING and job.state != "running":
+                self.journal.update_job(job.run, job.batch, state="running")
+            elif status.state.finished:
+                self._finished(job, status, now)
+
+    def _finished(self, job: JobRow, status: JobStatus, now: float) -> None:
+        if status.state is JobState.SUCCEEDED:
+            try:
+                self.on_success(job, status)
+            except (CalloopError, OSError, ValueError) as exc:
+                status = JobStatus(JobState.FAILED, 0, f"outputs rejected: {exc}")
+            else:
+                self.journal.update_job(
+                    job.run, job.batch, state="succeeded", exit_code=0, finished=now, detail=""
+                )
+                self.log.info("job succeeded", run=job.run, batch=job.batch, attempt=job.attempts)
+                return
+        self._failed(job, job.attempts, status, now)
+
+    def _failed(self, job: JobRow, attempt: int, status: JobStatus, now: float) -> None:
+        stderr = self.spec(job, attempt).log_path("stderr")
+        detail = f"{status.state.value}: {status.detail}".strip(": ")
+        if attempt < self.policy.max_attempts:
+            delay = self.policy.retry_backoff_s * 2 ** (attempt - 1)
+            self.journal.update_job(
+                job.run,
+                job.batch,
+                state="retry",
+                exit_code=status.exit_code,
+                next_attempt=now + delay,
+                detail=detail,
+            )
+            self.log.warning(
+                "job failed; retrying",
+                run=job.run,
+                batch=job.batch,
+                attempt=attempt,
+                retry_in_s=delay,
+                reason=detail,
+                log=str(stderr),
+            )
+            return
+        self.journal.update_job(
+            job.run,
+            job.batch,
+            state="given_up",
+            exit_code=status.exit_code,
+            finished=now,
+            detail=detail,
+        )
+        inputs = self.journal.inputs_of(job.run, job.batch)
+        self.log.error(
+            "job failed for good; the run continues without this batch",
+            run=job.run,
+            batch=job.batch,
+            attempts=attempt,
+            reason=detail,
+            inputs=inputs,
+            log=str(stderr),
+        )
+
+    def cancel_all(self) -> None:
+        """Cancel every job in flight (operator request; not used on normal shutdown)."""
+        for job in self.journal.jobs(states=IN_FLIGHT_STATES):
+            if job.backend_id:
+                self.backend.cancel(job.backend_id)

@@ -1,0 +1,401 @@
+"""A daemon's durable memory: SQLite in WAL mode under the work directory.
+
+Runs and their FSM state, every input seen (raw LS files or upstream witnesses), the
+batches they were grouped into, the jobs that process them (backend id, attempts, exit
+code, timings) and, for step 4, the harvest uploads (the outbox). Every change is one
+transaction, so a daemon killed at any point restarts exactly where it was; queries
+are per run and indexed, so a cycle costs what is new, not everything seen.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run INTEGER PRIMARY KEY, state TEXT NOT NULL, info TEXT NOT NULL DEFAULT '{}',
+    first_seen REAL NOT NULL, updated REAL NOT NULL, active INTEGER NOT NULL DEFAULT 1);
+CREATE TABLE IF NOT EXISTS inputs (
+    run INTEGER NOT NULL, name TEXT NOT NULL, seen REAL NOT NULL, batch INTEGER,
+    PRIMARY KEY (run, name));
+CREATE INDEX IF NOT EXISTS inputs_by_batch ON inputs (run, batch);
+CREATE TABLE IF NOT EXISTS batches (
+    run INTEGER NOT NULL, batch INTEGER NOT NULL, final INTEGER NOT NULL, created REAL NOT NULL,
+    PRIMARY KEY (run, batch));
+CREATE TABLE IF NOT EXISTS jobs (
+    run INTEGER NOT NULL, batch INTEGER NOT NULL, state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0, backend_id TEXT, job_dir TEXT NOT NULL,
+    argv TEXT NOT NULL, exit_code INTEGER, submitted REAL, finished REAL,
+    next_attempt REAL NOT NULL DEFAULT 0, detail TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (run, batch));
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state);
+CREATE TABLE IF NOT EXISTS uploads (
+    run INTEGER NOT NULL, seq INTEGER NOT NULL, tag TEXT NOT NULL, since INTEGER NOT NULL,
+    payload TEXT NOT NULL, version TEXT NOT NULL, state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0, next_attempt REAL NOT NULL DEFAULT 0,
+    payload_hash TEXT, detail TEXT NOT NULL DEFAULT '', created REAL NOT NULL,
+    PRIMARY KEY (run, seq));
+CREATE INDEX IF NOT EXISTS uploads_by_state ON uploads (state, tag);
+"""
+
+OPEN_JOB_STATES = ("pending", "retry", "submitting", "submitted", "running")
+IN_FLIGHT_STATES = ("submitting", "submitted", "running")
+
+
+@dataclass(frozen=True)
+class JobRow:
+    """One job as the journal holds it."""
+
+    run: int
+    batch: int
+    state: str
+    attempts: int
+    backend_id: str | None
+    job_dir: Path
+    argv: list[str]
+    exit_code: int | None
+    submitted: float | None
+    finished: float | None
+    next_attempt: float
+    detail: str
+
+
+@dataclass(frozen=True)
+class UploadRow:
+    """One outbox entry."""
+
+    run: int
+    seq: int
+    tag: str
+    since: int
+    payload: Path
+    version: str
+    state: str
+    attempts: int
+    next_attempt: float
+    payload_hash: str | None
+    detail: str
+
+
+class Journal:
+    """The journal of one daemon (one step of one calibration)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._db = sqlite3.connect(path, timeout=30, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        """Close the database."""
+        self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # --------------------------------------------------------------------------- runs
+
+    def ensure_run(self, run: int, state: str, now: float) -> bool:
+        """Record a run the first time it is seen; True if it is new."""
+        with self._tx() as db:
+            cursor = db.execute(
+                "INSERT OR IGNORE INTO runs (run, state, first_seen, updated) VALUES (?,?,?,?)",
+                (run, state, now, now),
+            )
+            return cursor.rowcount == 1
+
+    def set_state(self, run: int, state: str, *, active: bool = True) -> None:
+        """Persist a run's FSM state (and whether it still needs attention)."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE runs SET state=?, active=?, updated=? WHERE run=?",
+                (state, int(active), time.time(), run),
+            )
+
+    def run_state(self, run: int) -> str | None:
+        """The persisted state of a run."""
+        row = self._db.execute("SELECT state FROM runs WHERE run=?", (run,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def info(self, run: int) -> dict[str, Any]:
+        """The run's recorded facts (registry view, markers, ...)."""
+        row = self._db.execute("SELECT info FROM runs WHERE run=?", (run,)).fetchone()
+        return {} if row is None else dict(json.loads(row[0]))
+
+    def update_info(self, run: int, **values: Any) -> dict[str, Any]:
+        """Merge ``values`` into the run's info; returns the new info."""
+        with self._tx() as db:
+            row = db.execute("SELECT info FROM runs WHERE run=?", (run,)).fetchone()
+            info = {} if row is None else dict(json.loads(row[0]))
+            info.update(values)
+            db.execute(
+                "UPDATE runs SET info=?, updated=? WHERE run=?",
+                (json.dumps(info, sort_keys=True), time.time(), run),
+            )
+            return info
+
+    def active_runs(self) -> list[tuple[int, str]]:
+        """(run, state) of every run still being processed."""
+        rows = self._db.execute("SELECT run, state FROM runs WHERE active=1 ORDER BY run")
+        return [(int(r[0]), str(r[1])) for r in rows]
+
+    def all_runs(self) -> list[tuple[int, str]]:
+        """(run, state) of every run ever seen."""
+        return [
+            (int(r[0]), str(r[1]))
+            for r in self._db.execute("SELECT run, state FROM runs ORDER BY run")
+        ]
+
+    # ------------------------------------------------------------------------- inputs
+
+    def add_inputs(self, run: int, names: list[str], now: float) -> int:
+        """Record inputs (idempotent); returns how many were new."""
+        if not names:
+            return 0
+        with self._tx() as db:
+            before = db.total_changes
+            db.executemany(
+                "INSERT OR IGNORE INTO inputs (run, name, seen) VALUES (?,?,?)",
+                [(run, name, now) for name in names],
+            )
+            return db.total_changes - before
+
+    def pending_inputs(self, run: int) -> list[tuple[str, float]]:
+        """(name, seen) of inputs not yet in a batch, in name order."""
+        rows = self._db.execute(
+            "SELECT name, seen FROM inputs WHERE run=? AND batch IS NULL ORDER BY name", (run,)
+        )
+        return [(str(r[0]), float(r[1])) for r in rows]
+
+    def input_count(self, run: int) -> int:
+        """How many inputs of the run were seen."""
+        row = self._db.execute("SELECT COUNT(*) FROM inputs WHERE run=?", (run,)).fetchone()
+        return int(row[0])
+
+    def inputs_of(self, run: int, batch: int) -> list[str]:
+        """The inputs of one batch."""
+        rows = self._db.execute(
+            "SELECT name FROM inputs WHERE run=? AND batch=? ORDER BY name", (run, batch)
+        )
+        return [str(r[0]) for r in rows]
+
+    def has_input(self, run: int, name: str) -> bool:
+        """True when the input was recorded."""
+        return (
+            self._db.execute("SELECT 1 FROM inputs WHERE run=? AND name=?", (run, name)).fetchone()
+            is not None
+        )
+
+    # ------------------------------------------------------------------------ batches
+
+    def create_batches(
+        self, run: int, groups: list[list[str]], *, final: bool, now: float
+    ) -> list[int]:
+        """Assign each group of pending inputs to a new batch; returns the batch numbers.
+
+        Inputs already batched are skipped, so repeating a call after a crash is safe.
+        """
+        created = []
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT COALESCE(MAX(batch), 0) FROM batches WHERE run=?", (run,)
+            ).fetchone()
+            number = int(row[0])
+            for group in groups:
+                pending = [
+                    name
+                    for name in group
+                    if db.execute(
+                        "SELECT 1 FROM inputs WHERE run=? AND name=? AND batch IS NULL", (run, name)
+                    ).fetchone()
+                ]
+                if not pending:
+                    continue
+                number += 1
+                db.execute(
+                    "INSERT INTO batches (run, batch, final, created) VALUES (?,?,?,?)",
+                    (run, number, int(final), now),
+                )
+                db.executemany(
+                    "UPDATE inputs SET batch=? WHERE run=? AND name=?",
+                    [(number, run, name) for name in pending],
+                )
+                created.append(number)
+        return created
+
+    def batches_without_job(self, run: int) -> list[int]:
+        """Batches whose job was not created yet."""
+        rows = self._db.execute(
+            "SELECT b.batch FROM batches b LEFT JOIN jobs j ON b.run=j.run AND b.batch=j.batch "
+            "WHERE b.run=? AND j.batch IS NULL ORDER BY b.batch",
+            (run,),
+        )
+        return [int(r[0]) for r in rows]
+
+    def batch_count(self, run: int) -> int:
+        """How many batches the run has."""
+        row = self._db.execute("SELECT COUNT(*) FROM batches WHERE run=?", (run,)).fetchone()
+        return int(row[0])
+
+    def is_final_batch(self, run: int, batch: int) -> bool:
+        """True when the batch was created as the run's final one."""
+        row = self._db.execute(
+            "SELECT final FROM batches WHERE run=? AND batch=?", (run, batch)
+        ).fetchone()
+        return bool(row and row[0])
+
+    # --------------------------------------------------------------------------- jobs
+
+    def add_job(self, run: int, batch: int, job_dir: Path, argv: list[str]) -> None:
+        """Create a pending job for a batch (idempotent)."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO jobs (run, batch, state, job_dir, argv) VALUES (?,?,?,?,?)",
+                (run, batch, "pending", str(job_dir), json.dumps(argv)),
+            )
+
+    def update_job(self, run: int, batch: int, **fields: Any) -> None:
+        """Set columns of one job."""
+        columns = ", ".join(f"{name}=?" for name in fields)
+        with self._tx() as db:
+            db.execute(
+                f"UPDATE jobs SET {columns} WHERE run=? AND batch=?", (*fields.values(), run, batch)
+            )
+
+    def jobs(
+        self, *, states: tuple[str, ...] | None = None, run: int | None = None
+    ) -> list[JobRow]:
+        """Jobs filtered by state and/or run, in (run, batch) order."""
+        query, args = "SELECT * FROM jobs WHERE 1=1", list[Any]()
+        if states is not None:
+            query += f" AND state IN ({','.join('?' * len(states))})"
+            args.extend(states)
+        if run is not None:
+            query += " AND run=?"
+            args.append(run)
+        rows = self._db.execute(query + " ORDER BY run, batch", args).fetchall()
+        return [_job(row) for row in rows]
+
+    def job(self, run: int, batch: int) -> JobRow | None:
+        """One job."""
+        row = self._db.execute(
+            "SELECT * FROM jobs WHERE run=? AND batch=?", (run, batch)
+        ).fetchone()
+        return None if row is None else _job(row)
+
+    def job_counts(self, run: int | None = None) -> dict[str, int]:
+        """Number of jobs per state (of one run, or all)."""
+        query = "SELECT state, COUNT(*) FROM jobs"
+        rows = self._db.execute(
+            query + (" WHERE run=?" if run is not None else "") + " GROUP BY state",
+            () if run is None else (run,),
+        )
+        return {str(r[0]): int(r[1]) for r in rows}
+
+    # ------------------------------------------------------------------------ uploads
+
+    def add_upload(
+        self, run: int, seq: int, *, tag: str, since: int, payload: Path, version: str, now: float
+    ) -> None:
+        """Queue a payload upload (idempotent per harvest)."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO uploads (run, seq, tag, since, payload, version, "
+                "state, created) VALUES (?,?,?,?,?,?,?,?)",
+                (run, seq, tag, since, str(payload), version, "pending", now),
+            )
+
+    def uploads(self, *, states: tuple[str, ...], run: int | None = None) -> list[UploadRow]:
+        """Outbox entries by state, in (tag, since, run, seq) order."""
+        query = f"SELECT * FROM uploads WHERE state IN ({','.join('?' * len(states))})"
+        args: list[Any] = list(states)
+        if run is not None:
+            query += " AND run=?"
+            args.append(run)
+        rows = self._db.execute(query + " ORDER BY tag, since, run, seq", args).fetchall()
+        return [_upload(row) for row in rows]
+
+    def update_upload(self, run: int, seq: int, **fields: Any) -> None:
+        """Set columns of one outbox entry."""
+        columns = ", ".join(f"{name}=?" for name in fields)
+        with self._tx() as db:
+            db.execute(
+                f"UPDATE uploads SET {columns} WHERE run=? AND seq=?", (*fields.values(), run, seq)
+            )
+
+
+def _job(row: tuple[Any, ...]) -> JobRow:
+    (
+        run,
+        batch,
+        state,
+        attempts,
+        backend_id,
+        job_dir,
+        argv,
+        exit_code,
+        submitted,
+        finished,
+        next_attempt,
+        detail,
+    ) = row
+    return JobRow(
+        int(run),
+        int(batch),
+        str(state),
+        int(attempts),
+        backend_id,
+        Path(job_dir),
+        list(json.loads(argv)),
+        exit_code,
+        submitted,
+        finished,
+        float(next_attempt),
+        str(detail),
+    )
+
+
+def _upload(row: tuple[Any, ...]) -> UploadRow:
+    (
+        run,
+        seq,
+        tag,
+        since,
+        payload,
+        version,
+        state,
+        attempts,
+        next_attempt,
+        payload_hash,
+        detail,
+        _created,
+    ) = row
+    return UploadRow(
+        int(run),
+        int(seq),
+        str(tag),
+        int(since),
+        Path(payload),
+        str(version),
+        str(state),
+        int(attempts),
+        float(next_attempt),
+        payload_hash,
+        str(detail),
+    )

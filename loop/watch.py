@@ -1,0 +1,96 @@
+"""File arrival events: inotify through watchdog, or a polling observer for network
+filesystems (EOS, NFS) where inotify sees nothing.
+
+The watcher only queues paths; the daemon drains the queue each cycle, so a cycle's
+work is proportional to what arrived, never to everything seen so far.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from watchdog.events import (
+    FileCreatedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+from watchdog.observers import Observer
+from watchdog.observers.polling import PollingObserver
+
+from loop.fsutil import is_temporary
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(
+        self, accept: Callable[[Path], bool], sink: queue.SimpleQueue[Path], wake: threading.Event
+    ) -> None:
+        self.accept = accept
+        self.sink = sink
+        self.wake = wake
+
+    def _offer(self, raw: str | bytes) -> None:
+        path = Path(raw.decode() if isinstance(raw, bytes) else raw)
+        if not is_temporary(path) and self.accept(path):
+            self.sink.put(path)
+            self.wake.set()
+
+    def on_created(self, event: FileSystemEvent) -> None:
+        if not event.is_directory:
+            self._offer(event.src_path)
+
+    def on_moved(self, event: FileSystemEvent) -> None:
+        if not event.is_directory:
+            self._offer(event.dest_path)  # atomic writers rename into place
+
+
+class FileWatcher:
+    """Watch ``roots`` recursively for files that ``accept`` likes."""
+
+    def __init__(
+        self,
+        roots: list[Path],
+        accept: Callable[[Path], bool],
+        *,
+        polling: bool = False,
+        polling_interval_s: float = 1.0,
+    ) -> None:
+        self.roots = roots
+        self.accept = accept
+        self.wake = threading.Event()
+        self._queue: queue.SimpleQueue[Path] = queue.SimpleQueue()
+        self._observer = PollingObserver(timeout=polling_interval_s) if polling else Observer()
+
+    def start(self) -> None:
+        """Begin watching (roots are created if missing)."""
+        handler = _Handler(self.accept, self._queue, self.wake)
+        for root in self.roots:
+            root.mkdir(parents=True, exist_ok=True)
+            self._observer.schedule(
+                handler, str(root), recursive=True, event_filter=[FileCreatedEvent, FileMovedEvent]
+            )
+        self._observer.start()
+
+    def stop(self) -> None:
+        """Stop watching."""
+        self._observer.stop()
+        self._observer.join(timeout=5)
+
+    def drain(self) -> list[Path]:
+        """Every path queued since the last call."""
+        self.wake.clear()
+        paths = []
+        while True:
+            try:
+                paths.append(self._queue.get_nowait())
+            except queue.Empty:
+                return paths
+
+    def scan(self, directory: Path, pattern: str) -> list[Path]:
+        """List one directory (start-up, and the slow safety net for missed events)."""
+        if not directory.is_dir():
+            return []
+        return [p for p in directory.glob(pattern) if not is_temporary(p) and self.accept(p)]

@@ -1,0 +1,363 @@
+"""Step 4: step-3 witnesses -> harvests -> calibration store -> conditions DB.
+
+=========================  =========================================================
+State                      Meaning
+=========================  =========================================================
+NotRunning                 a step-3 witness of the run was seen
+WaitingForFiles            waiting for more ALCA outputs or step 3's ``step3.done``
+CheckingFiles              deciding whether to (re-)harvest, do the final harvest or close
+PreparingFiles             grouping the new ALCA outputs of an intermediate harvest
+PreparingFinalFiles        grouping the last ALCA outputs (``step3.done`` seen)
+PreparingHarvestingJobs    creating the harvest job (previous state + new outputs only)
+LaunchingHarvestingJobs    submitting it
+WaitingForHarvest          one harvest per run at a time: waiting for it to finish
+Uploading                  validating the payload, writing a store version, queuing the
+                           upload in the outbox (a failed validation is stored retired)
+Cleanup                    step 3 complete, all harvested: waiting for the outbox to drain
+Done                       complete (``step4.done`` names the final version)
+Failed                     an action raised; quarantined
+=========================  =========================================================
+
+Harvests of a run are serialized and chained (each merges the previous state with the
+new accumulators), so a re-harvest costs what is new and parallel harvests can never
+upload out of order.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from enum import Enum, auto
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from transitions import EventData
+
+from loop import __version__
+from loop.conddb.client import Conditions
+from loop.conddb.rules import lumi_since
+from loop.errors import StoreError
+from loop.fsutil import atomic_write_json
+from loop.journal import JobRow
+from loop.outbox import Outbox
+from loop.store import CalibStore, Validity
+from states.common import Facts, FollowsUpstream, RunModel, StepContext, Transition
+from workers.algorithms import Payload, validate
+from workers.harvest import PAYLOAD, STATE, SUMMARY
+
+
+class Step4State(Enum):
+    """States of a run in step 4 (see the module table)."""
+
+    NotRunning = auto()
+    WaitingForFiles = auto()
+    CheckingFiles = auto()
+    PreparingFiles = auto()
+    PreparingFinalFiles = auto()
+    PreparingHarvestingJobs = auto()
+    LaunchingHarvestingJobs = auto()
+    WaitingForHarvest = auto()
+    Uploading = auto()
+    Cleanup = auto()
+    Done = auto()
+    Failed = auto()
+
+
+S = Step4State
+
+TRANSITIONS: list[Transition] = [
+    {
+        "trigger": "start",
+        "source": S.NotRunning,
+        "dest": S.WaitingForFiles,
+        "conditions": "selected",
+    },
+    {
+        "trigger": "check",
+        "source": S.WaitingForFiles,
+        "dest": S.CheckingFiles,
+        "conditions": "has_news",
+    },
+    {
+        "trigger": "prepare",
+        "source": S.CheckingFiles,
+        "dest": S.PreparingFiles,
+        "conditions": "harvest_ready",
+    },
+    {
+        "trigger": "prepare_final",
+        "source": S.CheckingFiles,
+        "dest": S.PreparingFinalFiles,
+        "conditions": "final_harvest_ready",
+    },
+    {
+        "trigger": "cleanup",
+        "source": S.CheckingFiles,
+        "dest": S.Cleanup,
+        "conditions": "all_harvested",
+    },
+    {
+        "trigger": "idle",
+        "source": S.CheckingFiles,
+        "dest": S.WaitingForFiles,
+        "conditions": "nothing_ready",
+    },
+    {
+        "trigger": "prepare_jobs",
+        "source": [S.PreparingFiles, S.PreparingFinalFiles],
+        "dest": S.PreparingHarvestingJobs,
+    },
+    {"trigger": "launch", "source": S.PreparingHarvestingJobs, "dest": S.LaunchingHarvestingJobs},
+    {"trigger": "wait_jobs", "source": S.LaunchingHarvestingJobs, "dest": S.WaitingForHarvest},
+    {
+        "trigger": "resume",
+        "source": S.WaitingForHarvest,
+        "dest": S.Uploading,
+        "conditions": "jobs_settled",
+    },
+    {"trigger": "more_inputs", "source": S.Uploading, "dest": S.CheckingFiles},
+    {"trigger": "finish", "source": S.Cleanup, "dest": S.Done, "conditions": "uploads_settled"},
+    {"trigger": "fail", "source": "*", "dest": S.Failed},
+]
+
+
+class Step4Run(RunModel):
+    """A run in step 4."""
+
+    STATES = Step4State
+    FAILED = Step4State.Failed
+    step: Step4
+
+    # pure conditions specific to harvesting
+    def harvest_ready(self, _event: EventData) -> bool:
+        """Enough new ALCA outputs for an intermediate harvest, cadence permitting."""
+        f = self.facts
+        return not f.ended and f.jobs_open == 0 and f.harvest_allowed and f.pending >= f.min_batch
+
+    def final_harvest_ready(self, _event: EventData) -> bool:
+        """Step 3 is complete and there is something left to harvest."""
+        f = self.facts
+        return f.ended and f.jobs_open == 0 and f.pending > 0
+
+    def all_harvested(self, _event: EventData) -> bool:
+        """Step 3 complete, every output harvested and published."""
+        f = self.facts
+        return f.ended and f.jobs_open == 0 and f.pending == 0 and not f.unpublished
+
+    def has_news(self, event: EventData) -> bool:
+        return (
+            self.harvest_ready(event)
+            or self.final_harvest_ready(event)
+            or self.all_harvested(event)
+        )
+
+    def uploads_settled(self, _event: EventData) -> bool:
+        """The outbox holds nothing more for this run."""
+        return self.facts.uploads_pending == 0
+
+    on_enter_PreparingFiles = RunModel.make_final_batches  # one batch of all new outputs
+    on_enter_PreparingFinalFiles = RunModel.make_final_batches
+    on_enter_PreparingHarvestingJobs = RunModel.create_jobs
+    on_enter_LaunchingHarvestingJobs = RunModel.submit_jobs
+
+    def on_enter_Uploading(self, _event: EventData) -> None:
+        """Store and queue every finished harvest not yet published."""
+        self.step.publish(self.run)
+
+    on_enter_Cleanup = RunModel.close_run
+    on_enter_Done = RunModel.retire
+
+
+class Step4(FollowsUpstream):
+    """Step 4 of one calibration."""
+
+    name = "step4"
+    worker = "harvest"
+    model_class = Step4Run
+    transitions = TRANSITIONS
+    initial = Step4State.NotRunning
+    final_states = ("Done",)
+    marker_name = "step4.done"
+    upstream = "step3"
+    upstream_marker = "step3.done"
+
+    def __init__(
+        self, ctx: StepContext, store: CalibStore, connect: Callable[[], Conditions]
+    ) -> None:
+        super().__init__(ctx)
+        self.store = store
+        self.outbox = Outbox(
+            self.journal,
+            connect,
+            lambda: self.calibration,
+            self.log,
+            backoff_s=ctx.loop_config.jobs.retry_backoff_s,
+        )
+
+    def batch_sizes(self) -> tuple[int, int]:
+        return self.calibration.step4.harvest_every_files, 10**9  # one batch = one harvest
+
+    def max_wait_s(self) -> float:
+        return float("inf")  # intermediate harvests follow the cadence, not a timeout
+
+    def external_command(self) -> list[str] | None:
+        return self.calibration.step4.command
+
+    def facts(self, run: int, now: float) -> Facts:
+        base = super().facts(run, now)
+        info = self.journal.info(run)
+        last = info.get("last_harvest_at", 0.0)
+        succeeded = {j.batch for j in self.journal.jobs(run=run) if j.state == "succeeded"}
+        published = set(info.get("published", []))
+        interval_ok = now - last >= self.calibration.step4.min_interval_s
+        return self.with_facts(
+            base,
+            harvests=self.journal.batch_count(run),
+            unpublished=bool(succeeded - published),
+            uploads_pending=self.outbox.pending(run),
+            harvest_allowed=interval_ok,
+        )
+
+    # --------------------------------------------------------------- harvest jobs
+
+    def job_argv(self, run: int, batch: int, inputs: list[str], job_dir: Path) -> list[str]:
+        """Chain on the newest succeeded harvest; include every input since it."""
+        previous = [
+            j for j in self.journal.jobs(run=run) if j.state == "succeeded" and j.batch < batch
+        ]
+        since = previous[-1].batch if previous else 0
+        names = [n for b in range(since + 1, batch + 1) for n in self.journal.inputs_of(run, b)]
+        argv = super().job_argv(run, batch, names, job_dir)
+        if previous and self.external_command() is None:
+            argv += ["--previous-state", str(previous[-1].job_dir / "out" / STATE)]
+        self.journal.update_info(run, last_harvest_at=self.clock())
+        return argv
+
+    def on_job_success(self, job: JobRow, status: Any) -> None:
+        """A harvest must leave a payload and a summary (published in Uploading)."""
+        for name in (PAYLOAD, SUMMARY):
+            if not (job.job_dir / "out" / name).is_file():
+                raise StoreError(f"harvest of run {job.run} #{job.batch} wrote no {name}")
+
+    # ----------------------------------------------------------------- publishing
+
+    def publish(self, run: int) -> None:
+        """Validate, store (exactly once per harvest) and queue each finished harvest."""
+        info = self.journal.info(run)
+        published = list(info.get("published", []))
+        for job in self.journal.jobs(run=run):
+            if job.state == "succeeded" and job.batch not in published:
+                self._publish_one(run, job)
+                published.append(job.batch)
+                self.journal.update_info(
+                    run,
+                    published=published,
+                    final_version=self.journal.info(run).get("last_version"),
+                )
+
+    def _publish_one(self, run: int, job: JobRow) -> None:
+        cal = self.calibration
+        out = job.job_dir / "out"
+        payload = Payload(
+            np.load(out / PAYLOAD, allow_pickle=False), json.loads((out / SUMMARY).read_text())
+        )
+        detector = self.store.detector(cal.detector, create=True)
+        key = f"{cal.name}:run{run}:harvest{job.batch}"
+        version = self._stored_version(detector, run, key)
+        if version is None:
+            previous = self._previous(detector, run)
+            problems = validate(payload, previous, cal.validation, cal.payload.calibration_type)
+            version = detector.add(
+                cal.payload.ctype,
+                payload.array,
+                begin=run,
+                retired=bool(problems),
+                allow_nonfinite=cal.validation.allow_nonfinite,
+                comment=f"harvest {job.batch}",
+                metadata={
+                    "harvest_key": key,
+                    "source_runs": [run],
+                    "config_hash": cal.config_hash(),
+                    "software": f"calloop {__version__}",
+                    "author": f"calloop step4 ({cal.expert.email})",
+                    "quality": payload.summary,
+                    "validation_problems": problems,
+                },
+            )
+            if problems:
+                self.log.error(
+                    "payload failed validation: stored as a retired version, not uploaded",
+                    run=run,
+                    harvest=job.batch,
+                    version=version,
+                    problems=problems,
+                )
+                return
+        elif self.store.detector(cal.detector).get(cal.payload.ctype, version=version).retired:
+            return
+        self.journal.update_info(run, last_version=version)
+        self.journal.add_upload(
+            run,
+            job.batch,
+            tag=cal.payload.destination_tag,
+            since=self._since(run),
+            payload=out / PAYLOAD,
+            version=version,
+            now=self.clock(),
+        )
+        self.log.info(
+            "payload stored and queued for upload",
+            run=run,
+            harvest=job.batch,
+            version=version,
+            events=payload.summary.get("events"),
+            bad_channels=payload.summary.get("bad_channels"),
+        )
+
+    def _stored_version(self, detector: Any, run: int, key: str) -> str | None:
+        if not detector.exists():
+            return None
+        range_name = Validity(begin_run=run).name()
+        try:
+            versions = detector.versions(self.calibration.payload.ctype, range_name)
+        except StoreError:
+            return None
+        return next((v.version for v in versions if v.metadata.get("harvest_key") == key), None)
+
+    def _previous(self, detector: Any, run: int) -> np.ndarray | None:
+        try:
+            constants = detector.get(self.calibration.payload.ctype, run=run)
+        except StoreError:
+            return None
+        return np.asarray(constants.array)
+
+    def _since(self, run: int) -> int:
+        time_type = self.calibration.payload.time_type
+        if time_type == "lumi":
+            return lumi_since(run, 1)
+        if time_type == "time":
+            start = json.loads((self.step_dir(run, "step2") / "run.start").read_text())
+            return int(start["start_time"])
+        return run
+
+    def close_run(self, run: int) -> None:
+        super().close_run(run)
+        atomic_write_json(
+            self.step_dir(run) / "summary.json",
+            {
+                "run": run,
+                "final_version": self.journal.info(run).get("last_version"),
+                "harvests": self.journal.batch_count(run),
+            },
+        )
+
+    def after_tick(self, now: float) -> None:
+        self.outbox.flush(now)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            **super().status(),
+            "uploads_pending": self.outbox.pending(),
+            "last_upload": self.outbox.last_upload,
+        }

@@ -1,0 +1,61 @@
+"""Step-3 worker: reco files -> mergeable per-channel accumulators (``alca.h5``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from loop.config import CalibrationConfig
+from loop.rawformat import TRIGGER_CODES
+from workers.accumulators import Accumulators, ChannelStats, merge_all, save_accumulators
+from workers.common import worker_main
+
+OUTPUT = "alca.h5"
+TRIGGER_NAMES = {code: name for name, code in TRIGGER_CODES.items()}
+
+
+def reduce_events(
+    frames: np.ndarray, trigger: np.ndarray, config: CalibrationConfig
+) -> Accumulators:
+    """Accumulators per trigger type of one set of events (pure)."""
+    histogram = None
+    if config.step3.histogram is not None:
+        h = config.step3.histogram
+        histogram = (h.bins, h.low, h.high)
+    return {
+        TRIGGER_NAMES[int(code)]: ChannelStats.from_frames(
+            frames[trigger == code], config.step3.occupancy_threshold, histogram
+        )
+        for code in np.unique(trigger)
+    }
+
+
+def run(
+    config: CalibrationConfig, inputs: list[Path], output_dir: Path, _args: argparse.Namespace
+) -> None:
+    """Reduce every reco file and merge."""
+    parts, run_number = [], 0
+    for path in inputs:
+        try:
+            with h5py.File(path, "r") as h5:
+                frames, trigger = h5["frames"][()], h5["trigger"][()]
+                run_number = int(h5.attrs["run"])
+        except (OSError, KeyError) as exc:
+            raise ValueError(f"reco file {path} is unreadable ({exc})") from exc
+        parts.append(reduce_events(frames, trigger, config))
+    save_accumulators(
+        output_dir / OUTPUT, merge_all(parts), {"run": run_number, "calibration": config.name}
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m workers.alca``."""
+    return worker_main("alca", run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
