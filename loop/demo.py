@@ -131,6 +131,26 @@ def start_daemons(group: ProcessGroup, loop_yaml: Path, calibrations: list[str])
             group.start(f"{name}-{step}", step, "-c", name, "--config", str(loop_yaml), "--quiet")
 
 
+def wait_running(group: ProcessGroup, loop_config: LoopConfig, timeout: float = 30.0) -> None:
+    """Wait until every daemon child has published a running status under its own pid."""
+    import json
+
+    deadline = time.monotonic() + timeout
+    for name, proc in group.procs.items():
+        calibration, _, step = name.rpartition("-")
+        if step not in ("step2", "step3", "step4"):
+            continue
+        path = loop_config.work_dir / calibration / f"{step}.status.json"
+        while time.monotonic() < deadline:
+            try:
+                status = json.loads(path.read_text())
+            except (OSError, ValueError):
+                status = {}
+            if status.get("pid") == proc.pid and status.get("state") == "running":
+                break
+            time.sleep(0.05)
+
+
 def start_registry(group: ProcessGroup, root: Path) -> str:
     """The simulated registry on a free port; returns its URL."""
     port_file = root / "registry.port"

@@ -21,11 +21,12 @@ from typing import Any
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     run INTEGER PRIMARY KEY, state TEXT NOT NULL, info TEXT NOT NULL DEFAULT '{}',
-    first_seen REAL NOT NULL, updated REAL NOT NULL, active INTEGER NOT NULL DEFAULT 1);
+    first_seen REAL NOT NULL, updated REAL NOT NULL, active INTEGER NOT NULL DEFAULT 1,
+    inputs_seen INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS inputs (
     run INTEGER NOT NULL, name TEXT NOT NULL, seen REAL NOT NULL, batch INTEGER,
     PRIMARY KEY (run, name));
-CREATE INDEX IF NOT EXISTS inputs_by_batch ON inputs (run, batch);
+CREATE INDEX IF NOT EXISTS inputs_by_batch ON inputs (run, batch, name);
 CREATE TABLE IF NOT EXISTS batches (
     run INTEGER NOT NULL, batch INTEGER NOT NULL, final INTEGER NOT NULL, created REAL NOT NULL,
     PRIMARY KEY (run, batch));
@@ -36,6 +37,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     next_attempt REAL NOT NULL DEFAULT 0, detail TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (run, batch));
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state);
+CREATE INDEX IF NOT EXISTS jobs_by_run_state ON jobs (run, state);
 CREATE TABLE IF NOT EXISTS uploads (
     run INTEGER NOT NULL, seq INTEGER NOT NULL, tag TEXT NOT NULL, since INTEGER NOT NULL,
     payload TEXT NOT NULL, version TEXT NOT NULL, state TEXT NOT NULL,
@@ -174,7 +176,10 @@ class Journal:
                 "INSERT OR IGNORE INTO inputs (run, name, seen) VALUES (?,?,?)",
                 [(run, name, now) for name in names],
             )
-            return db.total_changes - before
+            added = db.total_changes - before
+            # a counter, so the FSM facts never count a run's inputs (O(1) per cycle)
+            db.execute("UPDATE runs SET inputs_seen = inputs_seen + ? WHERE run=?", (added, run))
+            return added
 
     def pending_inputs(self, run: int) -> list[tuple[str, float]]:
         """(name, seen) of inputs not yet in a batch, in name order."""
@@ -185,8 +190,8 @@ class Journal:
 
     def input_count(self, run: int) -> int:
         """How many inputs of the run were seen."""
-        row = self._db.execute("SELECT COUNT(*) FROM inputs WHERE run=?", (run,)).fetchone()
-        return int(row[0])
+        row = self._db.execute("SELECT inputs_seen FROM runs WHERE run=?", (run,)).fetchone()
+        return 0 if row is None else int(row[0])
 
     def inputs_of(self, run: int, batch: int) -> list[str]:
         """The inputs of one batch."""
@@ -240,11 +245,15 @@ class Journal:
         return created
 
     def batches_without_job(self, run: int) -> list[int]:
-        """Batches whose job was not created yet."""
+        """Batches whose job was not created yet.
+
+        Jobs are created in batch order, so only batches after the newest job can lack
+        one: an index seek, not a join over the whole run.
+        """
         rows = self._db.execute(
-            "SELECT b.batch FROM batches b LEFT JOIN jobs j ON b.run=j.run AND b.batch=j.batch "
-            "WHERE b.run=? AND j.batch IS NULL ORDER BY b.batch",
-            (run,),
+            "SELECT batch FROM batches WHERE run=? AND batch > "
+            "(SELECT COALESCE(MAX(batch), 0) FROM jobs WHERE run=?) ORDER BY batch",
+            (run, run),
         )
         return [int(r[0]) for r in rows]
 
@@ -298,6 +307,14 @@ class Journal:
             "SELECT * FROM jobs WHERE run=? AND batch=?", (run, batch)
         ).fetchone()
         return None if row is None else _job(row)
+
+    def open_jobs(self, run: int) -> int:
+        """Jobs of a run not yet finished (an index range count, not a scan of the run)."""
+        marks = ",".join("?" * len(OPEN_JOB_STATES))
+        row = self._db.execute(
+            f"SELECT COUNT(*) FROM jobs WHERE run=? AND state IN ({marks})", (run, *OPEN_JOB_STATES)
+        ).fetchone()
+        return int(row[0])
 
     def job_counts(self, run: int | None = None) -> dict[str, int]:
         """Number of jobs per state (of one run, or all)."""

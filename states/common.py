@@ -27,7 +27,7 @@ from transitions import EventData, Machine
 from loop.batching import due, plan_batches, ready
 from loop.config import CalibrationConfig, LoopConfig
 from loop.jobs import JobManager, JobPolicy
-from loop.journal import OPEN_JOB_STATES, JobRow, Journal
+from loop.journal import JobRow, Journal
 from loop.watch import FileWatcher
 from loop.witness import (
     WITNESS_SUFFIX,
@@ -450,11 +450,10 @@ class Step:
     def facts(self, run: int, now: float) -> Facts:
         """The batching facts of a run (subclasses add ``ended`` and ``selected``)."""
         pending = self.journal.pending_inputs(run)
-        open_jobs = sum(n for s, n in self.journal.job_counts(run).items() if s in OPEN_JOB_STATES)
         return Facts(
             pending=len(pending),
             oldest_wait_s=now - min(seen for _, seen in pending) if pending else 0.0,
-            jobs_open=open_jobs,
+            jobs_open=self.journal.open_jobs(run),
             min_batch=self.batch_sizes()[0],
             max_wait_s=self.max_wait_s(),
         )

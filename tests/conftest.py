@@ -79,3 +79,11 @@ def postgres_server() -> Iterator[PostgresServer]:
 def postgres_url(postgres_server: PostgresServer) -> str:
     """A fresh, empty database on the session's PostgreSQL server."""
     return postgres_server.create_database()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _structlog_to_stdlib() -> None:
+    """In-process daemons log through the stdlib, where caplog sees them."""
+    from loop.logs import configure_structlog
+
+    configure_structlog()

@@ -1,0 +1,49 @@
+"""Shared test helpers: the one-shot numpy reference and workspace set-up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from loop.config import CalibrationConfig, LoopConfig, load_calibration, load_loop_config
+from loop.demo import write_workspace
+from loop.rawformat import TRIGGER_CODES, read_raw_ls
+from workers.accumulators import ChannelStats
+from workers.algorithms import compute_payload
+
+
+def one_shot_stats(frames: np.ndarray, threshold: float) -> ChannelStats:
+    """Statistics computed in one numpy pass (no merging): the reference."""
+    values = frames.astype(np.float64)
+    return ChannelStats(
+        count=values.shape[0],
+        mean=values.mean(0),
+        m2=values.var(0) * values.shape[0],
+        minimum=values.min(0),
+        maximum=values.max(0),
+        occupancy=(values > threshold).sum(0).astype(np.int64),
+    )
+
+
+def reference_payload(raw_root: Path, cal: CalibrationConfig, run: int) -> tuple[np.ndarray, int]:
+    """The payload of ``run`` from all its raw files at once; returns (array, events)."""
+    files = sorted((raw_root / cal.raw_input.stream / f"run{run}").glob(f"run{run}_ls*.h5"))
+    contents = [read_raw_ls(f) for f in files]
+    frames = np.concatenate([c.frames for c in contents])
+    trigger = np.concatenate([c.trigger for c in contents])
+    accumulators = {
+        name: one_shot_stats(frames[trigger == TRIGGER_CODES[name]], cal.step3.occupancy_threshold)
+        for name in cal.step2.trigger_types
+    }
+    return compute_payload(accumulators, cal).array, accumulators["pedestal"].count
+
+
+def workspace(tmp_path: Path, **overrides: object) -> LoopConfig:
+    """A loop.yaml + calibrations under ``tmp_path`` (see ``loop.demo.write_workspace``)."""
+    return load_loop_config(write_workspace(tmp_path, **overrides))  # type: ignore[arg-type]
+
+
+def calibration(loop_config: LoopConfig, name: str) -> CalibrationConfig:
+    """A calibration of the workspace."""
+    return load_calibration(loop_config.calibrations_dir / f"{name}.yaml")

@@ -1,0 +1,134 @@
+"""End to end through real processes: the quickstart scenario with the six daemons, and
+the same with every daemon SIGKILLed at random moments (at least 20 kills)."""
+
+from __future__ import annotations
+
+import random
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from loop.conddb.client import ConditionsDB
+from loop.config import LoopConfig, load_all_calibrations, load_loop_config
+from loop.demo import (
+    ProcessGroup,
+    format_table,
+    is_complete,
+    run_demo,
+    set_registry_url,
+    start_daemons,
+    start_registry,
+    wait_running,
+    write_workspace,
+)
+from loop.journal import Journal
+from loop.sim.scenario import Scenario, load_scenario
+from loop.store import CalibStore
+from loop.witness import read_marker
+from tests.conftest import CONFIG_DIR
+from tests.helpers import reference_payload
+
+QUICKSTART = CONFIG_DIR / "scenarios" / "quickstart.yaml"
+
+
+def check_against_reference(loop_config: LoopConfig, scenario: Scenario) -> None:
+    """Store and conditions DB hold the one-shot reference for every processed run; no
+    LS was lost or processed twice; no upload was duplicated."""
+    calibrations, _ = load_all_calibrations(loop_config.calibrations_dir)
+    store = CalibStore(loop_config.store_root)
+    conditions = ConditionsDB.connect(loop_config.conddb_url)
+    for name, cal in calibrations.items():
+        step2 = Journal(loop_config.work_dir / name / "step2.journal.sqlite")
+        history = conditions.iovs(cal.payload.destination_tag, history=True)
+        duplicates = Counter((i.since, i.payload_hash) for i in history)
+        assert max(duplicates.values()) == 1, f"{name}: duplicate uploads {duplicates}"
+        for spec in scenario.runs:
+            if step2.run_state(spec.run_number) != "Done":
+                continue
+            run = spec.run_number
+            jobs = step2.jobs(run=run)
+            assert {j.state for j in jobs} == {"succeeded"}, (name, run, jobs)
+            processed = sorted(n for j in jobs for n in step2.inputs_of(run, j.batch))
+            assert processed == [f"run{run}_ls{ls:04d}.h5" for ls in range(1, spec.ls_count + 1)]
+            expected, events = reference_payload(loop_config.raw_root, cal, run)
+            final = store.detector(cal.detector).get(cal.payload.ctype, run=run)
+            assert final.metadata["quality"]["events"] == events  # none lost, none twice
+            resolved = conditions.resolve(tag=cal.payload.destination_tag, run=run)
+            uploaded = conditions.payload(resolved.payload_hash).array()
+            if cal.payload.calibration_type == "pedestals":
+                np.testing.assert_allclose(final.array, expected, rtol=1e-9)
+                np.testing.assert_allclose(uploaded, expected, rtol=1e-9)
+            else:
+                np.testing.assert_array_equal(final.array, expected)
+                np.testing.assert_array_equal(uploaded, expected)
+            step3_end = read_marker(
+                loop_config.work_dir / name / f"run{run}" / "step3" / "step3.done"
+            )
+            assert step3_end.failed_batches == []
+        step2.close()
+    conditions.close()
+    store.close()
+
+
+@pytest.mark.slow
+def test_quickstart_through_six_daemon_processes(tmp_path: Path) -> None:
+    rows, ok, seconds = run_demo(tmp_path, QUICKSTART, speed=50, timeout_s=150)
+    assert ok, format_table(rows)
+    assert seconds < 150
+    check_against_reference(
+        load_loop_config(tmp_path / "config" / "loop.yaml"), load_scenario(QUICKSTART)
+    )
+
+
+@pytest.mark.slow
+def test_sigkill_every_daemon_at_random_moments(tmp_path: Path) -> None:
+    """SIGKILL daemons at random moments while the scenario plays, restart each one at
+    once; the results must equal the undisturbed reference exactly."""
+    scenario = load_scenario(QUICKSTART)
+    loop_yaml = write_workspace(tmp_path)
+    group = ProcessGroup(tmp_path / "processes")
+    rng = random.Random(2026)
+    kills = 0
+    try:
+        set_registry_url(loop_yaml, start_registry(group, tmp_path))
+        loop_config = load_loop_config(loop_yaml)
+        calibrations = sorted(load_all_calibrations(loop_config.calibrations_dir)[0])
+        start_daemons(group, loop_yaml, calibrations)
+        player = group.start(
+            "player",
+            "sim",
+            "play",
+            str(QUICKSTART),
+            "--speed",
+            "20",
+            "--state",
+            str(tmp_path / "registry_state.json"),
+            "--raw-root",
+            str(loop_config.raw_root),
+        )
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            done = player.poll() is not None and is_complete(loop_config, scenario, calibrations)
+            if done and kills >= 20:
+                break
+            time.sleep(rng.uniform(0.2, 0.8))
+            if done:
+                continue
+            name = rng.choice([n for n in group.procs if n not in ("registry", "player")])
+            victim = group.procs[name]
+            victim.send_signal(signal.SIGKILL)
+            victim.wait()
+            kills += 1
+            calibration, step = name.rsplit("-", 1)
+            group.start(name, step, "-c", calibration, "--config", str(loop_yaml), "--quiet")
+        assert is_complete(loop_config, scenario, calibrations), "scenario did not complete"
+        wait_running(group, loop_config)  # a daemon restarted last must be up to stop cleanly
+    finally:
+        codes = group.stop_all()
+    assert kills >= 20
+    assert all(code == 0 for name, code in codes.items() if name != "player"), codes
+    check_against_reference(loop_config, scenario)
