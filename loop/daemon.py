@@ -27,10 +27,9 @@ from loop.locks import FileLock, LockTimeout
 from loop.logs import get_logger
 from loop.registry import RegistryClient
 from loop.store import CalibStore
+from states import STEPS
 from states.common import Step, StepContext
 from workers.backends import make_backend
-
-STEPS = ("step2", "step3", "step4")
 
 
 def status_path(loop_config: LoopConfig, calibration: str, step: str) -> Path:

@@ -7,18 +7,17 @@ import dataclasses
 import os
 import signal
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import uvicorn
+from typing import TYPE_CHECKING, Any
 
 from loop.commands.common import add_json_flag, emit, when
-from loop.conddb.client import Conditions, ConditionsDB
-from loop.conddb.db import ConditionsDatabase
-from loop.conddb.server import DEFAULT_MAX_BODY, create_app
+from loop.conddb import DEFAULT_MAX_BODY
 from loop.config import default_config_dir, load_loop_config
 from loop.errors import ConditionsError
 from loop.logs import setup_logging
+
+if TYPE_CHECKING:  # the SQL and web stacks load only when a command needs them
+    from loop.conddb.client import Conditions
+    from loop.conddb.db import ConditionsDatabase
 
 
 def register(subparsers: Any) -> None:
@@ -136,6 +135,8 @@ def _url(args: argparse.Namespace) -> str:
 
 
 def _sql(args: argparse.Namespace) -> ConditionsDatabase:
+    from loop.conddb.db import ConditionsDatabase
+
     url = _url(args)
     if url.startswith("http"):
         raise ConditionsError(f"this command needs direct database access, not {url}")
@@ -143,6 +144,8 @@ def _sql(args: argparse.Namespace) -> ConditionsDatabase:
 
 
 def _connect(args: argparse.Namespace) -> Conditions:
+    from loop.conddb.client import ConditionsDB
+
     token = args.token or os.environ.get("CALLOOP_CONDDB_TOKEN")
     return ConditionsDB.connect(_url(args), token, create=False)
 
@@ -157,6 +160,10 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve until SIGTERM/SIGINT."""
+    import uvicorn
+
+    from loop.conddb.server import create_app
+
     setup_logging(None, "conddb", "serve")
     db = _sql(args)
     app = create_app(db, read_token_required=args.read_token_required, max_body_bytes=args.max_body)
@@ -285,6 +292,8 @@ def cmd_create_tag(args: argparse.Namespace) -> int:
 
 def cmd_upload(args: argparse.Namespace) -> int:
     """Upload an array."""
+    import numpy as np
+
     try:
         array = np.load(args.file, allow_pickle=False)
     except (OSError, ValueError) as exc:

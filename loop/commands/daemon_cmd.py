@@ -11,9 +11,9 @@ from typing import Any
 
 from loop.commands.common import add_json_flag, emit
 from loop.config import LoopConfig, default_config_dir, load_loop_config
-from loop.daemon import STEPS, Daemon
 from loop.errors import CalloopError
 from loop.logs import setup_logging
+from states import STEPS
 
 
 def add_config_option(parser: argparse.ArgumentParser) -> None:
@@ -46,6 +46,8 @@ def register(subparsers: Any) -> None:
 
 def run_daemon(args: argparse.Namespace) -> int:
     """Run one daemon in the foreground (tmux or systemd)."""
+    from loop.daemon import Daemon
+
     loop_config = loop_config_from(args)
     setup_logging(loop_config.log_dir, args.calibration, args.step, console=not args.quiet)
     return Daemon(args.step, loop_config, args.calibration).run_forever()

@@ -9,8 +9,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from loop.demo import REPO_CONFIG, format_table, run_demo
 from loop.logs import setup_logging
+
+REPO_CONFIG = Path(__file__).resolve().parent.parent.parent / "config"
 
 
 def register(subparsers: Any) -> None:
@@ -40,6 +41,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, root: Path) -> int:
+    from loop.demo import format_table, run_demo
+
     print(
         f"calloop demo: scenario {args.scenario.name} at x{args.speed:g}, work dir {root}",
         flush=True,

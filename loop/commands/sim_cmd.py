@@ -10,7 +10,6 @@ from typing import Any
 from loop.errors import ScenarioError
 from loop.fsutil import atomic_write_text
 from loop.logs import setup_logging
-from loop.sim.player import Player
 from loop.sim.registry_server import RegistryServer
 from loop.sim.scenario import load_scenario, timeline
 
@@ -67,6 +66,8 @@ def run_play(args: argparse.Namespace) -> int:
         return 0
     if args.speed <= 0:
         raise ScenarioError(f"--speed must be positive, got {args.speed:g}")
+    from loop.sim.player import Player
+
     setup_logging(None, "sim", "player")
     report = Player(scenario, args.state, args.raw_root, speed=args.speed).play()
     print(

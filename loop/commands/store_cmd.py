@@ -7,15 +7,16 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from loop.commands.common import add_json_flag, emit, when
 from loop.config import default_config_dir, load_loop_config
 from loop.errors import StoreError
-from loop.store import AliasTable, CalibStore
-from loop.store.transfer import export_detector, import_file
+
+if TYPE_CHECKING:  # h5py and numpy load only when a store command runs
+    import numpy as np
+
+    from loop.store import CalibStore
 
 
 def register(subparsers: Any) -> None:
@@ -138,6 +139,8 @@ def _register_alias(sub: Any) -> None:
 
 def open_store(args: argparse.Namespace) -> CalibStore:
     """The store named by --root, $CALLOOP_STORE or loop.yaml's store_root."""
+    from loop.store import CalibStore
+
     if args.root:
         return CalibStore(args.root)
     if os.environ.get("CALLOOP_STORE"):
@@ -179,6 +182,8 @@ def _constants(args: argparse.Namespace) -> Any:
 
 def cmd_show(args: argparse.Namespace) -> int:
     """Show one version."""
+    import numpy as np
+
     c = _constants(args)
     array = c.array.astype(np.float64)
     data = {
@@ -205,6 +210,8 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def cmd_get(args: argparse.Namespace) -> int:
     """Write one version's array to a file."""
+    import numpy as np
+
     c = _constants(args)
     if args.out.suffix == ".npy":
         np.save(args.out, c.array)
@@ -217,6 +224,8 @@ def cmd_get(args: argparse.Namespace) -> int:
 
 
 def _load_array(path: Path) -> np.ndarray:
+    import numpy as np
+
     try:
         return np.load(path) if path.suffix == ".npy" else np.loadtxt(path)
     except (OSError, ValueError) as exc:
@@ -290,6 +299,8 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Export a squeezed copy."""
+    from loop.store.transfer import export_detector
+
     detector = open_store(args).detector(args.detector)
     target = export_detector(
         detector,
@@ -304,6 +315,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_import(args: argparse.Namespace) -> int:
     """Merge a file into the store."""
+    from loop.store.transfer import import_file
+
     report = import_file(open_store(args), args.file, force=args.force)
     print(
         f"imported into {report.detector}: {len(report.added)} added, "
@@ -314,6 +327,8 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 def cmd_alias_add(args: argparse.Namespace) -> int:
     """Add an alias."""
+    from loop.store import AliasTable
+
     store = open_store(args)
     dettype = args.detector.partition("-")[0]
     entry = AliasTable(store.root, dettype).add(
@@ -330,6 +345,8 @@ def cmd_alias_add(args: argparse.Namespace) -> int:
 
 def cmd_alias_ls(args: argparse.Namespace) -> int:
     """List aliases."""
+    from loop.store import AliasTable
+
     store = open_store(args)
     entries = [e for table in AliasTable.tables(store.root) for e in table.entries()]
     rows = [dataclasses.asdict(e) for e in entries]

@@ -24,6 +24,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from loop import __version__
+from loop.conddb import DEFAULT_MAX_BODY
 from loop.conddb.db import (
     NPY_STREAMER,
     STREAMERS,
@@ -35,7 +36,6 @@ from loop.conddb.db import (
 )
 from loop.errors import ConditionsError
 
-DEFAULT_MAX_BODY = 16 * 1024 * 1024
 MAX_SINCE = 2**63 - 1
 Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.\-]{1,100}$")]
 Label = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.\-]{0,100}$")]
