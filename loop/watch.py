@@ -19,6 +19,7 @@ from watchdog.events import (
     FileSystemEventHandler,
 )
 from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
 from loop.fsutil import is_temporary
@@ -62,7 +63,24 @@ class FileWatcher:
         self.accept = accept
         self.wake = threading.Event()
         self._queue: queue.SimpleQueue[Path] = queue.SimpleQueue()
-        self._observer = PollingObserver(timeout=polling_interval_s) if polling else Observer()
+        self.polling = polling
+        self.polling_interval_s = polling_interval_s
+        self._observer = self._make_observer()
+
+    def _make_observer(self) -> BaseObserver:
+        if self.polling:
+            return PollingObserver(timeout=self.polling_interval_s)
+        return Observer()
+
+    @property
+    def alive(self) -> bool:
+        """False when the observer thread died (events would be missed silently)."""
+        return self._observer.is_alive()
+
+    def restart(self) -> None:
+        """Replace a dead observer with a new one."""
+        self._observer = self._make_observer()
+        self.start()
 
     def start(self) -> None:
         """Begin watching (roots are created if missing)."""

@@ -433,6 +433,10 @@ class Step:
 
     def tick(self, now: float) -> None:
         """One daemon cycle: new inputs, external polls, jobs, then every run's FSM."""
+        if not self.watcher.alive:
+            self.log.error("file watcher died; restarting it and rescanning active runs")
+            self.watcher.restart()
+            self.startup_scan()
         for path in self.watcher.drain():
             self.ingest(path)
         self.poll_external(now)

@@ -333,3 +333,17 @@ def test_sigterm_stops_the_daemon_promptly(h: Harness) -> None:
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=5) == 0
     assert json.loads(status.read_text())["state"] == "stopped"
+
+
+def test_dead_watcher_is_restarted_and_catches_up(
+    h: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A watcher thread that dies must not silently stop the daemon seeing files."""
+    step3 = h.start("step3", "EcalPedestals")
+    _step(step3).watcher.stop()  # the observer thread is gone
+    step2 = h.start("step2", "EcalPedestals")
+    h.play()
+    with caplog.at_level(logging.ERROR):
+        h.run_until(lambda: _state(step3, RUN_A) == "Done")
+    assert any("file watcher died" in r.getMessage() for r in caplog.records)
+    assert _state(step2, RUN_A) == "Done"
