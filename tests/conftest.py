@@ -87,3 +87,41 @@ def _structlog_to_stdlib() -> None:
     from loop.logs import configure_structlog
 
     configure_structlog()
+
+
+# ------------------------------------------------------------------------------ Slurm
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A live single-node Slurm cluster (tests/infra/slurm_cluster.sh); yields slurm.conf."""
+    script = REPO / "tests" / "infra" / "slurm_cluster.sh"
+    can_start = os.geteuid() == 0 or (have("slurmctld") and have("munge"))
+    require("Slurm", can_start, "run as root (tests/run.sh installs slurm-wlm and munge)")
+    directory = tmp_path_factory.mktemp("slurm")
+    started = subprocess.run(
+        ["bash", str(script), "start", str(directory)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    require(
+        "Slurm", started.returncode == 0, f"cluster did not start: {started.stderr.strip()[-500:]}"
+    )
+    conf = directory / "slurm.conf"
+    previous = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(conf)  # every client (and daemon child) finds the cluster
+    try:
+        yield conf
+    finally:
+        subprocess.run(
+            ["bash", str(script), "stop", str(directory)],
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+        if previous is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = previous

@@ -42,12 +42,15 @@ class Harness:
         """The daemons' clock."""
         return time.time() + self.offset
 
-    def edit_calibration(self, name: str, changes: dict[str, dict[str, object]]) -> None:
-        """Change sections of a calibration YAML (before starting its daemons)."""
+    def edit_calibration(self, name: str, changes: dict[str, object]) -> None:
+        """Change keys or sections of a calibration YAML (before starting its daemons)."""
         path = self.loop_config.calibrations_dir / f"{name}.yaml"
         data = yaml.safe_load(path.read_text())
-        for section, values in changes.items():
-            data.setdefault(section, {}).update(values)
+        for key, value in changes.items():
+            if isinstance(value, dict):
+                data.setdefault(key, {}).update(value)
+            else:
+                data[key] = value
         dump_yaml(path, data)
 
     def start(self, step: str, calibration: str) -> Daemon:
@@ -112,8 +115,7 @@ def slow_command(worker: str, delay: float, fail_batch: int = 0) -> list[str]:
     """An external step command that sleeps (and may crash one batch) around a worker."""
     return [
         sys.executable,
-        "-m",
-        "tests.slow_worker",
+        str(Path(__file__).with_name("slow_worker.py")),  # by path: jobs run in their job dir
         str(delay),
         str(fail_batch),
         "{batch}",

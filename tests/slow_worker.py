@@ -1,4 +1,4 @@
-"""A worker wrapper for tests: ``python -m tests.slow_worker DELAY FAIL_BATCH BATCH MODULE ARGS``.
+"""A worker wrapper for tests: ``python tests/slow_worker.py DELAY FAIL_BATCH BATCH MODULE ARGS``.
 
 Sleeps DELAY seconds, exits 3 if BATCH equals FAIL_BATCH (a crashing job), otherwise runs
 ``workers.MODULE`` with ARGS: a slow or broken experiment command with the same contract.
