@@ -15,6 +15,7 @@ from __future__ import annotations
 import bisect
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 
 @dataclass(frozen=True)
@@ -96,69 +97,76 @@ def _width(begin: float, end: float | None) -> float:
     return math.inf if end is None else end - begin
 
 
+Axis = Literal["run", "time"]
+
+
+def _bounds(validity: Validity, axis: Axis) -> tuple[float | None, float | None]:
+    if axis == "run":
+        return validity.begin_run, validity.end_run
+    return validity.begin_time, validity.end_time
+
+
+class _SortedAxis:
+    """The ranges that have a begin on one axis (runs or times), sorted for bisection:
+    by begin, and among equal begins the widest first, so that scanning backwards meets
+    the narrowest of the latest-beginning ranges first."""
+
+    def __init__(self, entries: list[RangeEntry], axis: Axis) -> None:
+        self.axis = axis
+        keyed = []
+        for entry in entries:
+            begin, end = _bounds(entry.validity, axis)
+            if begin is not None:
+                keyed.append(((begin, -_width(begin, end)), entry))
+        keyed.sort(key=lambda item: item[0])
+        self.entries = [entry for _, entry in keyed]
+        self.begins = [key[0] for key, _ in keyed]
+
+    def contains(self, entry: RangeEntry, point: float) -> bool:
+        if self.axis == "run":
+            return entry.validity.contains_run(int(point))
+        return entry.validity.contains_time(point)
+
+    def select(self, point: float) -> RangeEntry | None:
+        for entry in reversed(self.entries[: bisect.bisect_right(self.begins, point)]):
+            if entry.default is not None and self.contains(entry, point):
+                return entry
+        return None
+
+    def nearest(self, point: float, count: int) -> list[RangeEntry]:
+        def distance(entry: RangeEntry) -> float:
+            begin, end = _bounds(entry.validity, self.axis)
+            return _gap(point, float(begin or 0), None if end is None else float(end))
+
+        return sorted(self.entries, key=distance)[:count]
+
+
 class RangeIndex:
     """Ranges of one calibration type, sorted for O(log n) typical lookups."""
 
     def __init__(self, entries: list[RangeEntry]) -> None:
         self.entries = entries
-        by_run = [e for e in entries if e.validity.begin_run is not None]
-        # sorted by begin, and among equal begins the widest first, so that scanning
-        # backwards meets the narrowest of the latest-beginning ranges first
-        by_run.sort(
-            key=lambda e: (
-                e.validity.begin_run,
-                -_width(e.validity.begin_run or 0, e.validity.end_run),
-            )
-        )
-        self._by_run = by_run
-        self._run_begins = [e.validity.begin_run or 0 for e in by_run]
-        by_time = [e for e in entries if e.validity.begin_time is not None]
-        by_time.sort(
-            key=lambda e: (
-                e.validity.begin_time,
-                -_width(e.validity.begin_time or 0.0, e.validity.end_time),
-            )
-        )
-        self._by_time = by_time
-        self._time_begins = [e.validity.begin_time or 0.0 for e in by_time]
+        self._axes = {"run": _SortedAxis(entries, "run"), "time": _SortedAxis(entries, "time")}
 
-    def select(self, *, run: int | None = None, time: float | None = None) -> RangeEntry | None:
-        """The range the lookup rule picks for a run or a time (exactly one of them)."""
+    def _axis(self, run: int | None, time: float | None) -> tuple[_SortedAxis, float]:
         if (run is None) == (time is None):
             raise ValueError("give exactly one of run= or time=")
         if run is not None:
-            entries, position = self._by_run, bisect.bisect_right(self._run_begins, run)
-            for entry in reversed(entries[:position]):
-                if entry.default is not None and entry.validity.contains_run(run):
-                    return entry
-            return None
+            return self._axes["run"], float(run)
         assert time is not None
-        entries, position = self._by_time, bisect.bisect_right(self._time_begins, time)
-        for entry in reversed(entries[:position]):
-            if entry.default is not None and entry.validity.contains_time(time):
-                return entry
-        return None
+        return self._axes["time"], time
+
+    def select(self, *, run: int | None = None, time: float | None = None) -> RangeEntry | None:
+        """The range the lookup rule picks for a run or a time (exactly one of them)."""
+        axis, point = self._axis(run, time)
+        return axis.select(point)
 
     def nearest(
         self, *, run: int | None = None, time: float | None = None, count: int = 3
     ) -> list[RangeEntry]:
         """The ranges closest to the point, for "nothing covers this" messages."""
-        if run is not None:
-            candidates = self._by_run
-
-            def distance(e: RangeEntry) -> float:
-                v = e.validity
-                return _gap(
-                    run, float(v.begin_run or 0), None if v.end_run is None else float(v.end_run)
-                )
-        else:
-            candidates = self._by_time
-
-            def distance(e: RangeEntry) -> float:
-                v = e.validity
-                return _gap(time or 0.0, v.begin_time or 0.0, v.end_time)
-
-        return sorted(candidates, key=distance)[:count]
+        axis, point = self._axis(run, time)
+        return axis.nearest(point, count)
 
 
 def _gap(point: float, begin: float, end: float | None) -> float:
