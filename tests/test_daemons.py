@@ -18,10 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from loop.conddb.client import ConditionsDB
-from loop.conddb.db import ConditionsDatabase
+from loop.conddb.db import ConditionsDatabase, NotFound
 from loop.conddb.server import ServiceThread, create_app
+from loop.config import dump_yaml, load_loop_config
 from loop.daemon import Daemon
 from loop.errors import DaemonError
 from loop.journal import Journal
@@ -30,6 +32,7 @@ from loop.rawformat import raw_path
 from loop.sim.scenario import RunSpec
 from loop.witness import read_marker
 from states.common import Step
+from tests.conftest import have, require, run_cli
 from tests.daemon_harness import Harness, harness, scenario, slow_command
 from tests.helpers import calibration, reference_payload
 from tests.infra.postgres import free_port
@@ -347,3 +350,70 @@ def test_dead_watcher_is_restarted_and_catches_up(
         h.run_until(lambda: _state(step3, RUN_A) == "Done")
     assert any("file watcher died" in r.getMessage() for r in caplog.records)
     assert _state(step2, RUN_A) == "Done"
+
+
+def test_failed_validation_is_stored_retired_and_not_uploaded(
+    h: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    h.edit_calibration("SiStripBad", {"validation": {"max_bad_fraction": 0.0}})  # too strict
+    daemons = [h.start(step, "SiStripBad") for step in ("step2", "step3", "step4")]
+    h.play()
+    with caplog.at_level(logging.ERROR):
+        h.run_until(lambda: _state(daemons[2], RUN_A) == "Done", timeout=90)
+    assert any("failed validation" in r.getMessage() for r in caplog.records)
+    cal = calibration(h.loop_config, "SiStripBad")
+    detector = _step(daemons[2]).store.detector(cal.detector)  # type: ignore[attr-defined]
+    versions = detector.versions(cal.payload.ctype)
+    assert versions and all(v.retired for v in versions)
+    assert "bad-channel fraction" in versions[0].metadata["validation_problems"][0]
+    assert _step(daemons[2]).journal.uploads(states=("pending", "done")) == []
+    conditions = ConditionsDB.connect(h.loop_config.conddb_url)
+    with pytest.raises(NotFound, match=r"unknown tag|no IOV"):
+        conditions.resolve(tag=cal.payload.destination_tag, run=RUN_A)
+
+
+def test_polling_observer_for_network_filesystems(tmp_path: Path) -> None:
+    made = harness(tmp_path, scenario(_run(RUN_A)))
+    try:
+        data = yaml.safe_load((tmp_path / "config" / "loop.yaml").read_text())
+        data["poll"].update(observer="polling", polling_interval_s=0.1)
+        dump_yaml(tmp_path / "config" / "loop.yaml", data)
+        made.loop_config = load_loop_config(tmp_path / "config" / "loop.yaml")
+        step2 = made.start("step2", "EcalPedestals")
+        assert _step(step2).watcher.polling
+        made.play()
+        made.run_until(lambda: _state(step2, RUN_A) == "Done")
+    finally:
+        made.stop()
+
+
+def test_status_command_shows_each_daemon(h: Harness) -> None:
+    step2 = h.start("step2", "EcalPedestals")
+    h.play()
+    h.run_until(lambda: _state(step2, RUN_A) == "Done")
+    h.cycle()
+    step2._heartbeat(h.clock(), "running")
+    result = run_cli("status", "--config", str(h.root / "config" / "loop.yaml"), "--json")
+    assert result.returncode == 0, result.stderr
+    [row] = json.loads(result.stdout)
+    assert (row["calibration"], row["step"], row["alive"]) == ("EcalPedestals", "step2", True)
+    assert row["jobs_succeeded"] == 1 and row["heartbeat_age_s"] < 30
+    text = run_cli("status", "--config", str(h.root / "config" / "loop.yaml"))
+    assert "EcalPedestals" in text.stdout and "running" in text.stdout
+
+
+@pytest.mark.parametrize("suffix", [".md", ".svg", ".png"])
+def test_graph_command_draws_each_step(tmp_path: Path, suffix: str) -> None:
+    if suffix != ".md":
+        require("graphviz", have("dot"), "apt-get install graphviz (tests/run.sh does it)")
+    for step in ("step2", "step3", "step4"):
+        out = tmp_path / f"{step}{suffix}"
+        result = run_cli("graph", step, "--out", str(out))
+        assert result.returncode == 0, result.stderr
+        content = out.read_bytes()
+        if suffix == ".md":
+            assert b"stateDiagram" in content and b"WaitingFor" in content
+        elif suffix == ".svg":
+            assert (b"<svg" in content and b"CleanupState" in content) or step != "step2"
+        else:
+            assert content.startswith(b"\x89PNG")
