@@ -60,7 +60,6 @@ class TimeoutConfig(StrictModel):
     conddb_attempts: int = Field(3, ge=1)
     store_lock_s: float = Field(30.0, gt=0)
     job_s: float = Field(3600.0, gt=0)
-    shutdown_s: float = Field(5.0, gt=0)
 
 
 class LocalBackendConfig(StrictModel):

@@ -67,7 +67,6 @@ def write_workspace(
                 "conddb_s": 5,
                 "conddb_attempts": 2,
                 "job_s": 300,
-                "shutdown_s": 10,
             },
             "jobs": {
                 "backend": backend,

@@ -198,9 +198,3 @@ class JobManager:
             inputs=inputs,
             log=str(stderr),
         )
-
-    def cancel_all(self) -> None:
-        """Cancel every job in flight (operator request; not used on normal shutdown)."""
-        for job in self.journal.jobs(states=IN_FLIGHT_STATES):
-            if job.backend_id:
-                self.backend.cancel(job.backend_id)

@@ -262,13 +262,6 @@ class Journal:
         row = self._db.execute("SELECT COUNT(*) FROM batches WHERE run=?", (run,)).fetchone()
         return int(row[0])
 
-    def is_final_batch(self, run: int, batch: int) -> bool:
-        """True when the batch was created as the run's final one."""
-        row = self._db.execute(
-            "SELECT final FROM batches WHERE run=? AND batch=?", (run, batch)
-        ).fetchone()
-        return bool(row and row[0])
-
     # --------------------------------------------------------------------------- jobs
 
     def add_job(self, run: int, batch: int, job_dir: Path, argv: list[str]) -> None:

@@ -168,21 +168,33 @@ def create_app(
             writer(credentials)
 
     Writer = Annotated[tuple[str, list[str]], Depends(writer)]
-    Reader = Depends(reader)
+    _add_read_routes(app, db, Depends(reader))
+    _add_write_routes(app, db, Writer)
+    app.add_exception_handler(ConditionsError, _conditions_error)  # type: ignore[arg-type]
+    app.add_middleware(BodyLimit, limit=max_body_bytes)
+    return app
 
-    def allow(identity: tuple[str, list[str]], tags: list[str]) -> str:
-        user, patterns = identity
-        denied = [t for t in tags if not tag_allowed(patterns, t)]
-        if denied:
-            raise HTTPException(403, f"token of {user} may not write tag(s) {', '.join(denied)}")
-        return user
 
-    @app.exception_handler(ConditionsError)
-    async def _conditions_error(_request: Request, exc: ConditionsError) -> JSONResponse:
-        status = (
-            404 if isinstance(exc, NotFound) else 400 if isinstance(exc, InvalidRequest) else 409
-        )
-        return JSONResponse({"detail": str(exc)}, status_code=status)
+async def _conditions_error(_request: Request, exc: ConditionsError) -> JSONResponse:
+    status = 409  # a refused write (synchronization rule, conflicting definition)
+    if isinstance(exc, NotFound):
+        status = 404
+    elif isinstance(exc, InvalidRequest):
+        status = 400
+    return JSONResponse({"detail": str(exc)}, status_code=status)
+
+
+def _allow(identity: tuple[str, list[str]], tags: list[str]) -> str:
+    """The token's user, if its patterns cover every tag (403 otherwise)."""
+    user, patterns = identity
+    denied = [t for t in tags if not tag_allowed(patterns, t)]
+    if denied:
+        raise HTTPException(403, f"token of {user} may not write tag(s) {', '.join(denied)}")
+    return user
+
+
+def _add_read_routes(app: FastAPI, db: ConditionsDatabase, Reader: Any) -> None:
+    """Tags, IOVs, payloads, resolve, global tags: open unless a read token is required."""
 
     @app.get("/api/v1/tags", dependencies=[Reader])
     def list_tags() -> list[dict[str, Any]]:
@@ -250,9 +262,13 @@ def create_app(
     def get_global_tag(name: PathName) -> dict[str, Any]:
         return db.global_tag(name)
 
+
+def _add_write_routes(app: FastAPI, db: ConditionsDatabase, Writer: Any) -> None:
+    """Tag creation, uploads and global-tag edits: a bearer token covering the tags."""
+
     @app.post("/api/v1/tags", status_code=201)
     def create_tag(body: TagCreate, identity: Writer, request: Request) -> dict[str, Any]:
-        user = allow(identity, [body.name])
+        user = _allow(identity, [body.name])
         return as_dict(
             db.create_tag(
                 body.name,
@@ -268,7 +284,7 @@ def create_app(
     @app.post("/api/v1/upload")
     def upload(body: UploadRequest, identity: Writer, request: Request) -> list[dict[str, Any]]:
         tags = list(body.metadata.destinationTags)
-        user = allow(identity, tags)
+        user = _allow(identity, tags)
         data = _decode(body.payload_b64, body.streamer_info)
         return [
             as_dict(
@@ -304,13 +320,10 @@ def create_app(
     def map_global_tag(
         name: PathName, body: GlobalTagMapEntry, identity: Writer, request: Request
     ) -> dict[str, Any]:
-        user = allow(identity, [body.tag])
+        user = _allow(identity, [body.tag])
         return db.map_global_tag(
             name, body.record, body.label, body.tag, user=user, host=_client(request)
         )
-
-    app.add_middleware(BodyLimit, limit=max_body_bytes)
-    return app
 
 
 def _client(request: Request) -> str:
