@@ -52,6 +52,7 @@ class Facts:
     oldest_wait_s: float = 0.0  # how long the oldest pending input has waited
     ended: bool = False  # nothing more will arrive from upstream
     jobs_open: int = 0  # jobs not finished (pending, submitted, running, retrying)
+    unjobbed: int = 0  # batches whose job was not created yet (a crash in between)
     selected: bool | None = True  # run selection: True, False, or undecided
     min_batch: int = 1
     max_wait_s: float = 300.0
@@ -129,6 +130,9 @@ class RunModel:
     def fail(self) -> bool:
         raise _unbound()
 
+    def recover(self) -> bool:
+        raise _unbound()
+
     def may_start(self) -> bool:
         raise _unbound()
 
@@ -171,6 +175,9 @@ class RunModel:
     def may_fail(self) -> bool:
         raise _unbound()
 
+    def may_recover(self) -> bool:
+        raise _unbound()
+
     def trigger(self, name: str) -> bool:
         raise _unbound()
 
@@ -197,13 +204,20 @@ class RunModel:
         return due(f.pending, f.oldest_wait_s, f.max_wait_s, f.ended)
 
     def all_batched(self, _event: EventData) -> bool:
-        """Upstream is finished and every input is in a batch."""
-        return self.facts.ended and self.facts.pending == 0
+        """Upstream is finished and every input is in a batch that has its job."""
+        return self.facts.ended and self.facts.pending == 0 and self.facts.unjobbed == 0
+
+    def has_unjobbed(self, _event: EventData) -> bool:
+        """A batch lost its job creation to a crash: create it before anything else."""
+        return self.facts.unjobbed > 0
 
     def has_news(self, event: EventData) -> bool:
         """Something can be done: a batch is ready or due, or the run can be closed."""
         return (
-            self.full_batch_ready(event) or self.final_batch_ready(event) or self.all_batched(event)
+            self.has_unjobbed(event)
+            or self.full_batch_ready(event)
+            or self.final_batch_ready(event)
+            or self.all_batched(event)
         )
 
     def nothing_ready(self, event: EventData) -> bool:
@@ -211,12 +225,13 @@ class RunModel:
         return not self.has_news(event)
 
     def has_pending(self, _event: EventData) -> bool:
-        """Inputs arrived after the run was considered complete (late files)."""
-        return self.facts.pending > 0
+        """Inputs arrived after the run was considered complete (late files), or a batch
+        still lacks its job."""
+        return self.facts.pending > 0 or self.facts.unjobbed > 0
 
     def jobs_settled(self, _event: EventData) -> bool:
-        """Every job of the run finished (succeeded or given up)."""
-        return self.facts.jobs_open == 0
+        """Every batch has a job and every job finished (succeeded or given up)."""
+        return self.facts.jobs_open == 0 and self.facts.unjobbed == 0
 
     # ------------------------------------------------------------ shared actions
 
@@ -248,7 +263,8 @@ class RunModel:
 
     def persist_and_log(self, event: EventData) -> None:
         """One structured line and one journal update per state change."""
-        self.step.journal.set_state(self.run, self.state.name)
+        active = self.state.name not in self.step.final_states and self.state is not self.FAILED
+        self.step.journal.set_state(self.run, self.state.name, active=active)
         self.log.info(
             "state change",
             state=self.state.name,
@@ -458,6 +474,7 @@ class Step:
             pending=len(pending),
             oldest_wait_s=now - min(seen for _, seen in pending) if pending else 0.0,
             jobs_open=self.journal.open_jobs(run),
+            unjobbed=len(self.journal.batches_without_job(run)),
             min_batch=self.batch_sizes()[0],
             max_wait_s=self.max_wait_s(),
         )

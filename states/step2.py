@@ -68,6 +68,12 @@ TRANSITIONS: list[Transition] = [
         "conditions": "has_news",
     },
     {
+        "trigger": "recover",
+        "source": S.CheckingLSForProcess,
+        "dest": S.PreparingExpressJobs,
+        "conditions": "has_unjobbed",
+    },
+    {
         "trigger": "prepare",
         "source": S.CheckingLSForProcess,
         "dest": S.PreparingLS,

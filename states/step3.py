@@ -56,6 +56,12 @@ TRANSITIONS: list[Transition] = [
         "conditions": "has_news",
     },
     {
+        "trigger": "recover",
+        "source": S.CheckingFiles,
+        "dest": S.PreparingAlCaJobs,
+        "conditions": "has_unjobbed",
+    },
+    {
         "trigger": "prepare",
         "source": S.CheckingFiles,
         "dest": S.PreparingFiles,

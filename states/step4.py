@@ -80,6 +80,12 @@ TRANSITIONS: list[Transition] = [
         "conditions": "has_news",
     },
     {
+        "trigger": "recover",
+        "source": S.CheckingFiles,
+        "dest": S.PreparingHarvestingJobs,
+        "conditions": "has_unjobbed",
+    },
+    {
         "trigger": "prepare",
         "source": S.CheckingFiles,
         "dest": S.PreparingFiles,
@@ -143,11 +149,18 @@ class Step4Run(RunModel):
     def all_harvested(self, _event: EventData) -> bool:
         """Step 3 complete, every output harvested and published."""
         f = self.facts
-        return f.ended and f.jobs_open == 0 and f.pending == 0 and not f.unpublished
+        return (
+            f.ended
+            and f.jobs_open == 0
+            and f.pending == 0
+            and f.unjobbed == 0
+            and not f.unpublished
+        )
 
     def has_news(self, event: EventData) -> bool:
         return (
-            self.harvest_ready(event)
+            self.has_unjobbed(event)
+            or self.harvest_ready(event)
             or self.final_harvest_ready(event)
             or self.all_harvested(event)
         )

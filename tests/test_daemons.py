@@ -417,3 +417,21 @@ def test_graph_command_draws_each_step(tmp_path: Path, suffix: str) -> None:
             assert (b"<svg" in content and b"CleanupState" in content) or step != "step2"
         else:
             assert content.startswith(b"\x89PNG")
+
+
+def test_batches_left_without_jobs_by_a_crash_are_recovered(h: Harness) -> None:
+    """A SIGKILL after a batch is committed but before its job exists leaves the run in
+    Checking with nothing pending: the batch must still get its job before the run ends."""
+    h.play()
+    journal = Journal(h.loop_config.work_dir / "EcalPedestals" / "step2.journal.sqlite")
+    names = [f"run{RUN_A}_ls{ls:04d}.h5" for ls in range(1, 5)]
+    journal.ensure_run(RUN_A, "CheckingLSForProcess", time.time())
+    journal.add_inputs(RUN_A, names, time.time())
+    journal.create_batches(RUN_A, [names[:2], names[2:]], final=True, now=time.time())
+    journal.close()
+    step2 = h.start("step2", "EcalPedestals")
+    h.run_until(lambda: _state(step2, RUN_A) == "Done")
+    jobs = _step(step2).journal.jobs(run=RUN_A)
+    assert [(j.batch, j.state) for j in jobs] == [(1, "succeeded"), (2, "succeeded")]
+    assert len(read_marker(_step(step2).marker_path(RUN_A)).witnesses) == 2
+    assert _step(step2).journal.active_runs() == []  # Done runs are not restored again
