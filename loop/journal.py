@@ -135,6 +135,11 @@ class Journal:
         row = self._db.execute("SELECT state FROM runs WHERE run=?", (run,)).fetchone()
         return None if row is None else str(row[0])
 
+    def first_seen(self, run: int) -> float | None:
+        """When the run was first recorded."""
+        row = self._db.execute("SELECT first_seen FROM runs WHERE run=?", (run,)).fetchone()
+        return None if row is None else float(row[0])
+
     def info(self, run: int) -> dict[str, Any]:
         """The run's recorded facts (registry view, markers, ...)."""
         row = self._db.execute("SELECT info FROM runs WHERE run=?", (run,)).fetchone()

@@ -247,12 +247,23 @@ class Step2(Step):
         info = self.journal.info(run)
         seen = self.journal.input_count(run)
         return self.with_facts(
-            base, selected=self._selected(info, seen), ended=self._ended(run, info, seen, now)
+            base,
+            selected=self._selected(run, info, seen, now),
+            ended=self._ended(run, info, seen, now),
         )
 
-    def _selected(self, info: dict[str, Any], seen: int) -> bool | None:
-        if "run_type" not in info:
-            return None  # raw files but no registry entry yet: wait
+    def _selected(self, run: int, info: dict[str, Any], seen: int, now: float) -> bool | None:
+        if "run_type" not in info:  # raw files but no registry entry yet: wait, up to a point
+            first = self.journal.first_seen(run) or now
+            if now - first <= self.ctx.loop_config.lookback_hours * 3600:
+                return None
+            self.log.warning(
+                "raw files of a run the registry never listed; skipping it after "
+                "the look-back window",
+                run=run,
+                files=seen,
+            )
+            return False
         selection = self.calibration.run_selection
         if info["run_type"] not in selection.run_types:
             return False

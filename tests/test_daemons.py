@@ -435,3 +435,25 @@ def test_batches_left_without_jobs_by_a_crash_are_recovered(h: Harness) -> None:
     assert [(j.batch, j.state) for j in jobs] == [(1, "succeeded"), (2, "succeeded")]
     assert len(read_marker(_step(step2).marker_path(RUN_A)).witnesses) == 2
     assert _step(step2).journal.active_runs() == []  # Done runs are not restored again
+
+
+def test_run_unknown_to_the_registry_is_skipped_after_lookback(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    made = harness(tmp_path, scenario(_run(RUN_A)))
+    try:
+        made.play()
+        made.player.state.runs.clear()  # the registry never heard of this run
+        made.player.state.save(made.player.state_file)
+        step2 = made.start("step2", "EcalPedestals")
+        _step(step2).track(RUN_A)
+        _step(step2).startup_scan()
+        made.run_until(lambda: _step(step2).journal.input_count(RUN_A) == 4)
+        made.cycle()
+        assert _state(step2, RUN_A) == "NotRunning"  # waits for the registry at first
+        made.offset = 8 * 3600 + 60
+        with caplog.at_level(logging.WARNING):
+            made.run_until(lambda: _state(step2, RUN_A) == "Skipped")
+        assert any("never listed" in r.getMessage() for r in caplog.records)
+    finally:
+        made.stop()
