@@ -35,12 +35,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     setup_logging(None, "demo", "demo", console=False)
     if args.work_dir is not None:
         args.work_dir.mkdir(parents=True, exist_ok=True)
-        return _run(args, args.work_dir)
+        return _run(args, args.work_dir, keep=True)
     with tempfile.TemporaryDirectory(prefix="calloop-demo-") as tmp:
-        return _run(args, Path(tmp))
+        return _run(args, Path(tmp), keep=False)
 
 
-def _run(args: argparse.Namespace, root: Path) -> int:
+def _run(args: argparse.Namespace, root: Path, *, keep: bool) -> int:
     from loop.demo import format_table, run_demo
 
     print(
@@ -60,5 +60,10 @@ def _run(args: argparse.Namespace, root: Path) -> int:
     else:
         print(format_table(rows))
         verdict = "every run processed, payloads match the truth" if ok else "FAILED"
-        print(f"\n{verdict} ({seconds:.1f} s); logs: {root / 'logs'}")
+        where = (
+            f"logs: {root / 'logs'}"
+            if keep
+            else "logs were in a temporary directory; use --work-dir DIR to keep them"
+        )
+        print(f"\n{verdict} ({seconds:.1f} s); {where}")
     return 0 if ok else 1
