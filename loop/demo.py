@@ -8,6 +8,7 @@ SIGTERM and the results are compared with the simulator's truth.
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import subprocess
@@ -132,8 +133,6 @@ def start_daemons(group: ProcessGroup, loop_yaml: Path, calibrations: list[str])
 
 def wait_running(group: ProcessGroup, loop_config: LoopConfig, timeout: float = 30.0) -> None:
     """Wait until every daemon child has published a running status under its own pid."""
-    import json
-
     deadline = time.monotonic() + timeout
     for name, proc in group.procs.items():
         calibration, _, step = name.rpartition("-")

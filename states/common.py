@@ -479,10 +479,6 @@ class Step:
             max_wait_s=self.max_wait_s(),
         )
 
-    def with_facts(self, facts: Facts, **changes: Any) -> Facts:
-        """``facts`` with some fields replaced."""
-        return replace(facts, **changes)
-
     # ----------------------------------------------------------------- actions
 
     def make_batches(self, run: int, *, final: bool) -> list[int]:
@@ -757,7 +753,7 @@ class FollowsUpstream(Step):
         return paths
 
     def facts(self, run: int, now: float) -> Facts:
-        return self.with_facts(super().facts(run, now), ended=self.upstream_ended(run))
+        return replace(super().facts(run, now), ended=self.upstream_ended(run))
 
     def end_reason(self, run: int) -> str:
         failed = self.journal.info(run).get("upstream_failed") or []

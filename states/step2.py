@@ -25,6 +25,7 @@ never read as an end; a run that never ends is closed after the look-back window
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime
 from enum import Enum, auto
 from pathlib import Path
@@ -246,7 +247,7 @@ class Step2(Step):
         base = super().facts(run, now)
         info = self.journal.info(run)
         seen = self.journal.input_count(run)
-        return self.with_facts(
+        return replace(
             base,
             selected=self._selected(run, info, seen, now),
             ended=self._ended(run, info, seen, now),

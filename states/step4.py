@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from enum import Enum, auto
 from pathlib import Path
 from typing import Any
@@ -224,7 +225,7 @@ class Step4(FollowsUpstream):
         succeeded = {j.batch for j in self.journal.jobs(run=run) if j.state == "succeeded"}
         published = set(info.get("published", []))
         interval_ok = now - last >= self.calibration.step4.min_interval_s
-        return self.with_facts(
+        return replace(
             base,
             harvests=self.journal.batch_count(run),
             unpublished=bool(succeeded - published),
@@ -307,7 +308,7 @@ class Step4(FollowsUpstream):
                     problems=problems,
                 )
                 return
-        elif self.store.detector(cal.detector).get(cal.payload.ctype, version=version).retired:
+        elif detector.get(cal.payload.ctype, version=version).retired:
             return
         self.journal.update_info(run, last_version=version)
         self.journal.add_upload(

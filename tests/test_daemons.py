@@ -27,6 +27,7 @@ from loop.config import dump_yaml, load_loop_config
 from loop.daemon import Daemon
 from loop.errors import DaemonError
 from loop.journal import Journal
+from loop.logs import get_logger
 from loop.outbox import Outbox
 from loop.rawformat import raw_path
 from loop.sim.scenario import RunSpec
@@ -34,7 +35,7 @@ from loop.witness import read_marker
 from states.common import Step
 from tests.conftest import have, require, run_cli
 from tests.daemon_harness import Harness, harness, scenario, slow_command
-from tests.helpers import calibration, reference_payload
+from tests.helpers import calibration, reference_payload, workspace
 from tests.infra.postgres import free_port
 
 RUN_A, RUN_B = 9001, 9002
@@ -218,8 +219,8 @@ def test_conddb_outage_delays_but_never_loses_or_duplicates(tmp_path: Path) -> N
     url = f"http://127.0.0.1:{port}"
     token = db.create_token("step4", ["*"])
     journal = Journal(tmp_path / "step4.journal.sqlite")
-    cal = calibration(_loop_config(tmp_path), "EcalPedestals")
-    log = __import__("loop.logs", fromlist=["get_logger"]).get_logger("test")
+    cal = calibration(workspace(tmp_path / "ws"), "EcalPedestals")
+    log = get_logger("test")
     outbox = Outbox(
         journal,
         lambda: ConditionsDB.connect(url, token, attempts=1, timeout_s=1),
@@ -257,12 +258,6 @@ def test_conddb_outage_delays_but_never_loses_or_duplicates(tmp_path: Path) -> N
     history = db.iovs(cal.payload.destination_tag, history=True)
     assert len(history) == 1  # uploaded exactly once
     assert np.array_equal(db.payload(history[0].payload_hash).array(), np.full(4, 2.0))
-
-
-def _loop_config(tmp_path: Path):  # type: ignore[no-untyped-def]
-    from tests.helpers import workspace
-
-    return workspace(tmp_path / "ws")
 
 
 def test_second_instance_refuses_to_start(h: Harness) -> None:

@@ -76,9 +76,8 @@ def check_against_reference(loop_config: LoopConfig, scenario: Scenario) -> None
 
 @pytest.mark.slow
 def test_quickstart_through_six_daemon_processes(tmp_path: Path) -> None:
-    rows, ok, seconds = run_demo(tmp_path, QUICKSTART, speed=50, timeout_s=150)
+    rows, ok, _seconds = run_demo(tmp_path, QUICKSTART, speed=50, timeout_s=150)
     assert ok, format_table(rows)
-    assert seconds < 150
     check_against_reference(
         load_loop_config(tmp_path / "config" / "loop.yaml"), load_scenario(QUICKSTART)
     )
