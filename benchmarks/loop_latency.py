@@ -26,6 +26,7 @@ from benchmarks._common import percentiles_ms, table
 from loop.config import dump_yaml, load_calibration, load_loop_config
 from loop.daemon import Daemon
 from loop.demo import write_workspace
+from loop.journal import NewInput
 from loop.logs import setup_logging
 from loop.rawformat import raw_path, write_raw_ls
 from loop.registry import iso
@@ -41,8 +42,9 @@ FAST_JOB = [
     "-S",
     "-c",
     "import os,sys; os.makedirs(sys.argv[1], exist_ok=True); "
-    "open(os.path.join(sys.argv[1], 'x'), 'w').close()",
+    "open(os.path.join(sys.argv[1], 'manifest.json'), 'w').write('{{\"outputs\": []}}')",
     "{output_dir}",
+    "{inputs}",
 ]
 
 
@@ -143,10 +145,10 @@ def cycle_cost(already: int, cycles: int) -> tuple[float, float]:
         now = time.time()
         step.track(RUN)
         names = [f"run{RUN}_ls{ls:04d}.h5" for ls in range(1, already + 1)]
-        journal.add_inputs(RUN, names, now)
+        journal.add_inputs(RUN, [NewInput(n, ls=i + 1) for i, n in enumerate(names)], now)
         batches = journal.create_batches(RUN, [[n] for n in names], final=False, now=now)
         for batch in batches:
-            journal.add_job(RUN, batch, root / "jobs" / str(batch), ["true"])
+            journal.add_job(RUN, batch, root / "jobs" / str(batch), ["true"], "")
         journal._db.execute("UPDATE jobs SET state='succeeded'")
         step._next_poll = float("inf")  # measure the cycle, not the registry round trip
         daemon.loop(now)
@@ -156,7 +158,8 @@ def cycle_cost(already: int, cycles: int) -> tuple[float, float]:
         idle = (time.perf_counter() - start) / cycles * 1e3
         new_file_ms = []
         for k in range(20):
-            journal.add_inputs(RUN, [f"run{RUN}_ls{already + k + 1:04d}.h5"], time.time())
+            ls = already + k + 1
+            journal.add_inputs(RUN, [NewInput(f"run{RUN}_ls{ls:04d}.h5", ls=ls)], time.time())
             start = time.perf_counter()
             step.make_batches(RUN, final=False)
             step.create_jobs(RUN)
@@ -174,6 +177,8 @@ def worker_throughput(files: int) -> list[list[object]]:
         loop_config = load_loop_config(write_workspace(root))
         cal = load_calibration(loop_config.calibrations_dir / "SiStripBad.yaml")
         spec = DetectorSpec(channels=2048, events_per_ls=200)
+        raw_input = cal.raw_input.model_copy(update={"channels": spec.channels})
+        cal = cal.model_copy(update={"raw_input": raw_input})
         truth = make_truth(spec, 2)
         paths = []
         for ls in range(1, files + 1):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import string
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -149,6 +150,44 @@ class RawInput(StrictModel):
     """Where the raw LS files of this calibration's stream appear (under raw_root)."""
 
     stream: str = Field(min_length=1)
+    channels: int = Field(ge=1, description="the detector's channel count; other files are bad")
+
+
+COMMAND_PLACEHOLDERS = ("inputs", "output_dir", "run", "batch", "calibration", "job_dir")
+
+
+def check_command(command: list[str] | None) -> list[str] | None:
+    """A step's own command template: an argv list (no shell) whose ``{placeholders}``
+    are plain names from :data:`COMMAND_PLACEHOLDERS`; ``{inputs}`` (the input files) is
+    an item of its own; ``{inputs}`` and ``{output_dir}`` are required."""
+    if command is None:
+        return None
+    if not command:
+        raise ValueError("must name a program")
+    used: set[str] = set()
+    for index, item in enumerate(command):
+        try:
+            fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(item)]
+        except ValueError as exc:
+            raise ValueError(
+                f"item {index} {item!r}: {exc} (write {{{{ }}}} for a brace)"
+            ) from None
+        for name, spec, conv in fields:
+            if name is None:
+                continue
+            if name not in COMMAND_PLACEHOLDERS or spec or conv:
+                raise ValueError(
+                    f"item {index} {item!r}: unknown placeholder {{{name}"
+                    f"{'!' + conv if conv else ''}{':' + spec if spec else ''}}}; "
+                    f"use one of {', '.join('{' + p + '}' for p in COMMAND_PLACEHOLDERS)}"
+                )
+            if name == "inputs" and item != "{inputs}":
+                raise ValueError(f"item {index} {item!r}: {{inputs}} must be an item of its own")
+            used.add(name)
+    missing = [f"{{{name}}}" for name in ("inputs", "output_dir") if name not in used]
+    if missing:
+        raise ValueError(f"must contain {' and '.join(missing)}")
+    return command
 
 
 class Step2Config(StrictModel):
@@ -160,6 +199,8 @@ class Step2Config(StrictModel):
     trigger_types: list[TriggerType] = Field(min_length=1)
     common_mode_group: int | None = Field(None, ge=2)
     command: list[str] | None = None
+
+    _command = field_validator("command")(check_command)
 
     @model_validator(mode="after")
     def _min_le_max(self) -> Step2Config:
@@ -188,6 +229,8 @@ class Step3Config(StrictModel):
     histogram: Histogram | None = None
     command: list[str] | None = None
 
+    _command = field_validator("command")(check_command)
+
     @model_validator(mode="after")
     def _min_le_max(self) -> Step3Config:
         if self.min_files_per_job > self.max_files_per_job:
@@ -200,8 +243,12 @@ class Step4Config(StrictModel):
 
     harvest_every_files: int = Field(1, ge=1, description="re-harvest after N new ALCA outputs")
     min_interval_s: float = Field(0.0, ge=0)
-    upload_intermediate: bool = True
+    upload_intermediate: bool = Field(
+        True, description="false: intermediate harvests are stored but only the final one uploaded"
+    )
     command: list[str] | None = None
+
+    _command = field_validator("command")(check_command)
 
 
 class PayloadConfig(StrictModel):
@@ -252,10 +299,13 @@ class CalibrationConfig(StrictModel):
     depends_on: list[str] = Field(default_factory=list)
     backend: Literal["local", "slurm"] | None = None
 
+    def canonical_json(self) -> bytes:
+        """The effective configuration (defaults resolved) as canonical JSON bytes."""
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, indent=1).encode()
+
     def config_hash(self) -> str:
-        """A short stable hash of the effective configuration, stored with payloads."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        """SHA-256 of :meth:`canonical_json`: the hash a job's frozen copy carries."""
+        return hashlib.sha256(self.canonical_json()).hexdigest()
 
 
 # --------------------------------------------------------------------------- YAML loading
@@ -320,7 +370,7 @@ def _format_validation(path: Path, exc: ValidationError, lines: dict[Loc, int]) 
         loc: Loc = tuple(part for part in err["loc"] if isinstance(part, (str, int)))
         line = _line_of(loc, lines)
         where = f" (line {line})" if line else ""
-        message = err["msg"]
+        message = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             message = "unknown key (check the spelling against the documented keys)"
         elif err["type"] == "missing":

@@ -4,8 +4,9 @@
 journal, re-adopts jobs and starts watching; ``loop(now)`` runs one cycle with the clock
 injected (tests drive time instead of sleeping); ``shutdown()`` persists and releases.
 Signal handlers only set flags: SIGTERM/SIGINT stop after the current cycle, SIGHUP
-reloads the calibration YAML (an invalid edit is logged as an ERROR and the running
-configuration stays).
+reloads the calibration YAML and loop.yaml. A reload is all or nothing: an invalid file,
+or a changed key that cannot take effect without a restart (:mod:`loop.reload`), is one
+ERROR naming the file or the keys, and the running configuration stays.
 """
 
 from __future__ import annotations
@@ -20,15 +21,22 @@ from types import FrameType
 from typing import Any
 
 from loop.conddb.client import ConditionsDB
-from loop.config import CalibrationConfig, LoopConfig, calibration_path, load_calibration
+from loop.config import (
+    CalibrationConfig,
+    LoopConfig,
+    calibration_path,
+    load_calibration,
+    load_loop_config,
+)
 from loop.errors import ConfigError, DaemonError
 from loop.fsutil import atomic_write_json
 from loop.locks import FileLock, LockTimeout
 from loop.logs import get_logger
 from loop.registry import RegistryClient
+from loop.reload import LIVE_CALIBRATION_KEYS, LIVE_LOOP_KEYS, changed_keys, restart_keys
 from loop.store import CalibStore
 from states import STEPS
-from states.common import Step, StepContext
+from states.step import Step, StepContext
 from workers.backends import make_backend
 
 
@@ -38,11 +46,7 @@ def status_path(loop_config: LoopConfig, calibration: str, step: str) -> Path:
 
 
 def build_step(
-    step: str,
-    loop_config: LoopConfig,
-    calibration: CalibrationConfig,
-    cal_path: Path,
-    clock: Callable[[], float],
+    step: str, loop_config: LoopConfig, calibration: CalibrationConfig, clock: Callable[[], float]
 ) -> Step:
     """The step logic with the services it needs (registry, store, conditions DB)."""
     from states.step2 import Step2
@@ -50,9 +54,7 @@ def build_step(
     from states.step4 import Step4
 
     log = get_logger(f"calloop.{step}").bind(calibration=calibration.name, step=step)
-    ctx = StepContext(
-        loop_config, calibration, cal_path, make_backend(loop_config, calibration), log, clock
-    )
+    ctx = StepContext(loop_config, calibration, make_backend(loop_config, calibration), log, clock)
     timeouts = loop_config.timeouts
     if step == "step2":
         registry = RegistryClient(
@@ -89,9 +91,11 @@ class Daemon:
         calibration: str,
         *,
         clock: Callable[[], float] = time.time,
+        loop_config_path: Path | None = None,
     ) -> None:
         self.step_name = step
         self.loop_config = loop_config
+        self.loop_config_path = loop_config_path  # re-read on SIGHUP when known
         self.cal_path = calibration_path(loop_config, calibration)
         self.calibration = load_calibration(self.cal_path)
         self.clock = clock
@@ -115,9 +119,7 @@ class Daemon:
             raise DaemonError(
                 f"another {self.step_name} daemon runs for {self.calibration.name}: {exc}"
             ) from None
-        self.step = build_step(
-            self.step_name, self.loop_config, self.calibration, self.cal_path, self.clock
-        )
+        self.step = build_step(self.step_name, self.loop_config, self.calibration, self.clock)
         self.step.restore()
         self.step.watcher.start()
         self.step.startup_scan()
@@ -152,20 +154,42 @@ class Daemon:
         self.log.info("daemon stopped")
 
     def reload(self) -> None:
-        """Re-read the calibration YAML; keep the running config if the edit is invalid."""
+        """Re-read the calibration YAML (and loop.yaml when its path is known); apply
+        it only if it is valid and every changed key is live."""
         try:
-            new = load_calibration(self.cal_path)
+            calibration = load_calibration(self.cal_path)
+            loop_config = (
+                load_loop_config(self.loop_config_path)
+                if self.loop_config_path is not None
+                else self.loop_config
+            )
         except ConfigError as exc:
             self.log.error(
-                "reload rejected: calibration file is invalid; the previous "
+                "reload rejected: a configuration file is invalid; the previous "
                 "configuration keeps running",
                 problems=exc.problems,
             )
             return
-        self.calibration = new
+        loop_changed = changed_keys(self.loop_config, loop_config)
+        calibration_changed = changed_keys(self.calibration, calibration)
+        changed = [*(f"loop.{k}" for k in loop_changed), *calibration_changed]
+        blocked = [
+            *(f"loop.{k}" for k in restart_keys(loop_changed, LIVE_LOOP_KEYS)),
+            *restart_keys(calibration_changed, LIVE_CALIBRATION_KEYS),
+        ]
+        if blocked:
+            self.log.error(
+                "reload refused: these keys cannot change while the daemon runs; "
+                "restart the daemon to apply them (the previous configuration keeps running)",
+                keys=blocked,
+            )
+            return
+        self.calibration, self.loop_config = calibration, loop_config
         if self.step is not None:
-            self.step.ctx.calibration = new
-        self.log.info("calibration reloaded", config_hash=new.config_hash())
+            self.step.reconfigure(loop_config, calibration)
+        self.log.info(
+            "configuration reloaded", changed=changed, config_sha256=calibration.config_hash()
+        )
 
     def _heartbeat(self, now: float, state: str) -> None:
         self._next_heartbeat = now + self.loop_config.poll.heartbeat_s

@@ -37,6 +37,7 @@ from workers.algorithms import ChannelStatus
 
 REPO_CONFIG = Path(__file__).resolve().parent.parent / "config"
 FINAL_STEP2 = ("Done", "Skipped")
+FINAL_LATER = ("Done", "Rejected")  # steps 3 and 4 (only step 4 can reject)
 
 
 def write_workspace(
@@ -45,10 +46,17 @@ def write_workspace(
     backend: str = "local",
     registry_port: int = 0,
     calibrations_from: Path = REPO_CONFIG / "calibrations",
+    scenario: Scenario | None = None,
 ) -> Path:
-    """A self-contained config directory under ``root``; returns its loop.yaml path."""
+    """A self-contained config directory under ``root``; returns its loop.yaml path.
+
+    With ``scenario``, each calibration's ``raw_input.channels`` is set to the channel
+    count of its stream's simulated detector.
+    """
     config_dir = root / "config"
     shutil.copytree(calibrations_from, config_dir / "calibrations", dirs_exist_ok=True)
+    if scenario is not None:
+        _match_channels(config_dir / "calibrations", scenario)
     loop_yaml = config_dir / "loop.yaml"
     dump_yaml(
         loop_yaml,
@@ -78,6 +86,17 @@ def write_workspace(
         },
     )
     return loop_yaml
+
+
+def _match_channels(directory: Path, scenario: Scenario) -> None:
+    import yaml
+
+    for path in sorted(directory.glob("*.yaml")):
+        data = yaml.safe_load(path.read_text())
+        stream = data.get("raw_input", {}).get("stream")
+        if stream in scenario.detectors:
+            data["raw_input"]["channels"] = scenario.detectors[stream].channels
+            dump_yaml(path, data)
 
 
 @dataclass
@@ -201,7 +220,7 @@ def is_complete(loop_config: LoopConfig, scenario: Scenario, calibrations: list[
         processed = {r for r in runs if step2[r] == "Done"}
         for step in ("step3", "step4"):
             states = _journal_states(loop_config, name, step)
-            if any(states.get(r) != "Done" for r in processed):
+            if any(states.get(r) not in FINAL_LATER for r in processed):
                 return False
     return True
 
@@ -356,7 +375,7 @@ def run_demo(
     """Run everything; returns (rows, all ok, seconds). Processes are always stopped."""
     started = time.monotonic()
     scenario = load_scenario(scenario_path)
-    loop_yaml = write_workspace(root, backend=backend)
+    loop_yaml = write_workspace(root, backend=backend, scenario=scenario)
     group = ProcessGroup(root / "processes")
     try:
         set_registry_url(loop_yaml, start_registry(group, root))

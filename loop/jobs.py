@@ -17,12 +17,8 @@ from typing import Any
 import structlog
 
 from loop.errors import CalloopError, JobError
-from loop.journal import IN_FLIGHT_STATES, JobRow, Journal
-from workers.backends.base import Backend, JobSpec, JobState, JobStatus
-
-
-class BackendUnavailable(JobError):
-    """The batch system cannot be reached now: wait and retry, do not fail jobs."""
+from loop.journal import IN_FLIGHT_STATES, JobPhase, JobRow, Journal
+from workers.backends.base import Backend, BackendUnavailable, JobSpec, JobState, JobStatus
 
 
 @dataclass(frozen=True)
@@ -33,7 +29,6 @@ class JobPolicy:
     retry_backoff_s: float
     timeout_s: float
     key_prefix: str  # <calibration>.<step>
-    env: dict[str, str]
     resources: dict[str, Any]
 
 
@@ -65,23 +60,24 @@ class JobManager:
             job_dir=job.job_dir,
             attempt=attempt,
             timeout_s=self.policy.timeout_s,
-            env=self.policy.env,
             resources=self.policy.resources,
         )
 
     def adopt(self) -> None:
         """After a restart: resolve attempts whose submission was interrupted."""
-        for job in self.journal.jobs(states=("submitting",)):
+        for job in self.journal.jobs(states=(JobPhase.SUBMITTING,)):
             found = self.backend.find(self.spec(job, job.attempts))
             if found is None:
                 self.journal.update_job(
-                    job.run, job.batch, state="pending", attempts=job.attempts - 1
+                    job.run, job.batch, state=JobPhase.PENDING, attempts=job.attempts - 1
                 )
                 self.log.warning(
                     "interrupted submission not found; will resubmit", run=job.run, batch=job.batch
                 )
             else:
-                self.journal.update_job(job.run, job.batch, state="submitted", backend_id=found)
+                self.journal.update_job(
+                    job.run, job.batch, state=JobPhase.SUBMITTED, backend_id=found
+                )
                 self.log.info("re-adopted job", run=job.run, batch=job.batch, backend_id=found)
 
     def submit_ready(self, now: float) -> int:
@@ -89,7 +85,7 @@ class JobManager:
         in_flight = len(self.journal.jobs(states=IN_FLIGHT_STATES))
         room = self.backend.max_in_flight - in_flight
         submitted = 0
-        for job in self.journal.jobs(states=("pending", "retry")):
+        for job in self.journal.jobs(states=(JobPhase.PENDING, JobPhase.RETRY)):
             if room <= 0:
                 break
             if job.next_attempt > now:
@@ -103,7 +99,7 @@ class JobManager:
     def _submit(self, job: JobRow, now: float) -> bool:
         attempt = job.attempts + 1
         spec = self.spec(job, attempt)
-        self.journal.update_job(job.run, job.batch, state="submitting", attempts=attempt)
+        self.journal.update_job(job.run, job.batch, state=JobPhase.SUBMITTING, attempts=attempt)
         try:
             backend_id = self.backend.submit(spec)
         except BackendUnavailable as exc:
@@ -114,7 +110,7 @@ class JobManager:
             self._failed(job, attempt, JobStatus(JobState.FAILED, None, str(exc)), now)
             return True
         self.journal.update_job(
-            job.run, job.batch, state="submitted", backend_id=backend_id, submitted=now
+            job.run, job.batch, state=JobPhase.SUBMITTED, backend_id=backend_id, submitted=now
         )
         self.log.info(
             "job submitted", run=job.run, batch=job.batch, attempt=attempt, backend_id=backend_id
@@ -125,7 +121,7 @@ class JobManager:
         """One backend poll for every job in flight; finish, retry or give up."""
         open_jobs = {
             j.backend_id: j
-            for j in self.journal.jobs(states=("submitted", "running"))
+            for j in self.journal.jobs(states=(JobPhase.SUBMITTED, JobPhase.RUNNING))
             if j.backend_id
         }
         if not open_jobs:
@@ -138,8 +134,8 @@ class JobManager:
             return
         for backend_id, status in statuses.items():
             job = open_jobs[backend_id]
-            if status.state is JobState.RUNNING and job.state != "running":
-                self.journal.update_job(job.run, job.batch, state="running")
+            if status.state is JobState.RUNNING and job.state != JobPhase.RUNNING:
+                self.journal.update_job(job.run, job.batch, state=JobPhase.RUNNING)
             elif status.state.finished:
                 self._finished(job, status, now)
 
@@ -151,7 +147,12 @@ class JobManager:
                 status = JobStatus(JobState.FAILED, 0, f"outputs rejected: {exc}")
             else:
                 self.journal.update_job(
-                    job.run, job.batch, state="succeeded", exit_code=0, finished=now, detail=""
+                    job.run,
+                    job.batch,
+                    state=JobPhase.SUCCEEDED,
+                    exit_code=0,
+                    finished=now,
+                    detail="",
                 )
                 self.log.info("job succeeded", run=job.run, batch=job.batch, attempt=job.attempts)
                 return
@@ -165,7 +166,7 @@ class JobManager:
             self.journal.update_job(
                 job.run,
                 job.batch,
-                state="retry",
+                state=JobPhase.RETRY,
                 exit_code=status.exit_code,
                 next_attempt=now + delay,
                 detail=detail,
@@ -183,7 +184,7 @@ class JobManager:
         self.journal.update_job(
             job.run,
             job.batch,
-            state="given_up",
+            state=JobPhase.GIVEN_UP,
             exit_code=status.exit_code,
             finished=now,
             detail=detail,

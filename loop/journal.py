@@ -15,8 +15,11 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
+
+from loop.runrecord import RunRecord
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -25,7 +28,9 @@ CREATE TABLE IF NOT EXISTS runs (
     inputs_seen INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS inputs (
     run INTEGER NOT NULL, name TEXT NOT NULL, seen REAL NOT NULL, batch INTEGER,
+    ls INTEGER, bad TEXT, meta TEXT NOT NULL DEFAULT '{}',
     PRIMARY KEY (run, name));
+CREATE INDEX IF NOT EXISTS inputs_by_ls ON inputs (run, ls);
 CREATE INDEX IF NOT EXISTS inputs_by_batch ON inputs (run, batch, name);
 CREATE TABLE IF NOT EXISTS batches (
     run INTEGER NOT NULL, batch INTEGER NOT NULL, final INTEGER NOT NULL, created REAL NOT NULL,
@@ -35,6 +40,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     attempts INTEGER NOT NULL DEFAULT 0, backend_id TEXT, job_dir TEXT NOT NULL,
     argv TEXT NOT NULL, exit_code INTEGER, submitted REAL, finished REAL,
     next_attempt REAL NOT NULL DEFAULT 0, detail TEXT NOT NULL DEFAULT '',
+    config_sha256 TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (run, batch));
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state);
 CREATE INDEX IF NOT EXISTS jobs_by_run_state ON jobs (run, state);
@@ -43,12 +49,42 @@ CREATE TABLE IF NOT EXISTS uploads (
     payload TEXT NOT NULL, version TEXT NOT NULL, state TEXT NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0, next_attempt REAL NOT NULL DEFAULT 0,
     payload_hash TEXT, detail TEXT NOT NULL DEFAULT '', created REAL NOT NULL,
+    config_sha256 TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (run, seq));
 CREATE INDEX IF NOT EXISTS uploads_by_state ON uploads (state, tag);
 """
 
-OPEN_JOB_STATES = ("pending", "retry", "submitting", "submitted", "running")
-IN_FLIGHT_STATES = ("submitting", "submitted", "running")
+# Columns added after the first release: (table, column, declaration). A journal written
+# by an older calloop gets them on open, so an upgrade never needs a manual migration.
+ADDED_COLUMNS = (
+    ("inputs", "ls", "INTEGER"),
+    ("inputs", "bad", "TEXT"),
+    ("inputs", "meta", "TEXT NOT NULL DEFAULT '{}'"),
+    ("jobs", "config_sha256", "TEXT NOT NULL DEFAULT ''"),
+    ("uploads", "config_sha256", "TEXT NOT NULL DEFAULT ''"),
+)
+
+
+class JobPhase(StrEnum):
+    """Where a job is in its lifecycle (see :mod:`loop.jobs`); stored as its value."""
+
+    PENDING = "pending"
+    RETRY = "retry"
+    SUBMITTING = "submitting"
+    SUBMITTED = "submitted"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    GIVEN_UP = "given_up"
+
+
+OPEN_JOB_STATES = (
+    JobPhase.PENDING,
+    JobPhase.RETRY,
+    JobPhase.SUBMITTING,
+    JobPhase.SUBMITTED,
+    JobPhase.RUNNING,
+)
+IN_FLIGHT_STATES = (JobPhase.SUBMITTING, JobPhase.SUBMITTED, JobPhase.RUNNING)
 
 
 @dataclass(frozen=True)
@@ -57,7 +93,7 @@ class JobRow:
 
     run: int
     batch: int
-    state: str
+    state: JobPhase
     attempts: int
     backend_id: str | None
     job_dir: Path
@@ -67,6 +103,17 @@ class JobRow:
     finished: float | None
     next_attempt: float
     detail: str
+    config_sha256: str
+
+
+@dataclass(frozen=True)
+class NewInput:
+    """An input as it is recorded on arrival."""
+
+    name: str
+    ls: int | None = None  # step 2: the LS number
+    bad: str | None = None  # rejected on arrival: why
+    meta: dict[str, Any] | None = None  # step 2: size/mtime; steps 3, 4: verified outputs
 
 
 @dataclass(frozen=True)
@@ -84,6 +131,7 @@ class UploadRow:
     next_attempt: float
     payload_hash: str | None
     detail: str
+    config_sha256: str
 
 
 class Journal:
@@ -95,7 +143,19 @@ class Journal:
         self._db = sqlite3.connect(path, timeout=30, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes
+        self._migrate()
         self._db.executescript(SCHEMA)
+
+    def _migrate(self) -> None:
+        for table, column, declaration in ADDED_COLUMNS:
+            exists = self._db.execute(
+                "SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (table,)
+            ).fetchone()
+            if not exists:
+                continue  # created whole by SCHEMA
+            columns = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            if column not in columns:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
 
     def close(self) -> None:
         """Close the database."""
@@ -140,22 +200,23 @@ class Journal:
         row = self._db.execute("SELECT first_seen FROM runs WHERE run=?", (run,)).fetchone()
         return None if row is None else float(row[0])
 
-    def info(self, run: int) -> dict[str, Any]:
-        """The run's recorded facts (registry view, markers, ...)."""
+    def info(self, run: int) -> RunRecord:
+        """The run's recorded facts (registry view, markers, harvests, ...)."""
         row = self._db.execute("SELECT info FROM runs WHERE run=?", (run,)).fetchone()
-        return {} if row is None else dict(json.loads(row[0]))
+        return RunRecord() if row is None else RunRecord.from_json(json.loads(row[0]))
 
-    def update_info(self, run: int, **values: Any) -> dict[str, Any]:
-        """Merge ``values`` into the run's info; returns the new info."""
+    def update_info(self, run: int, **values: Any) -> RunRecord:
+        """Set fields of the run's record; returns the new record."""
+        RunRecord.check_fields(set(values))
         with self._tx() as db:
             row = db.execute("SELECT info FROM runs WHERE run=?", (run,)).fetchone()
-            info = {} if row is None else dict(json.loads(row[0]))
-            info.update(values)
+            stored = {} if row is None else dict(json.loads(row[0]))
+            stored.update(values)
             db.execute(
                 "UPDATE runs SET info=?, updated=? WHERE run=?",
-                (json.dumps(info, sort_keys=True), time.time(), run),
+                (json.dumps(stored, sort_keys=True), time.time(), run),
             )
-            return info
+            return RunRecord.from_json(stored)
 
     def active_runs(self) -> list[tuple[int, str]]:
         """(run, state) of every run still being processed."""
@@ -169,27 +230,90 @@ class Journal:
             for r in self._db.execute("SELECT run, state FROM runs ORDER BY run")
         ]
 
+    def runs_in_states(self, states: tuple[str, ...], limit: int = 50) -> dict[int, str]:
+        """The newest ``limit`` runs in one of ``states`` (e.g. those needing attention)."""
+        marks = ",".join("?" * len(states))
+        rows = self._db.execute(
+            f"SELECT run, state FROM runs WHERE state IN ({marks}) ORDER BY run DESC LIMIT ?",
+            (*states, limit),
+        )
+        return {int(r[0]): str(r[1]) for r in rows}
+
     # ------------------------------------------------------------------------- inputs
 
-    def add_inputs(self, run: int, names: list[str], now: float) -> int:
-        """Record inputs (idempotent); returns how many were new."""
-        if not names:
+    def add_inputs(self, run: int, inputs: list[NewInput], now: float) -> int:
+        """Record inputs (idempotent); returns how many were new.
+
+        An input recorded ``bad`` counts as seen (the run can complete) but is never
+        batched.
+        """
+        if not inputs:
             return 0
         with self._tx() as db:
             before = db.total_changes
             db.executemany(
-                "INSERT OR IGNORE INTO inputs (run, name, seen) VALUES (?,?,?)",
-                [(run, name, now) for name in names],
+                "INSERT OR IGNORE INTO inputs (run, name, seen, ls, bad, meta) "
+                "VALUES (?,?,?,?,?,?)",
+                [(run, i.name, now, i.ls, i.bad, json.dumps(i.meta or {})) for i in inputs],
             )
             added = db.total_changes - before
             # a counter, so the FSM facts never count a run's inputs (O(1) per cycle)
             db.execute("UPDATE runs SET inputs_seen = inputs_seen + ? WHERE run=?", (added, run))
             return added
 
-    def pending_inputs(self, run: int) -> list[tuple[str, float]]:
-        """(name, seen) of inputs not yet in a batch, in name order."""
+    def input_meta(self, run: int, name: str) -> dict[str, Any] | None:
+        """What was recorded with an input (None if it was never seen)."""
+        row = self._db.execute(
+            "SELECT meta FROM inputs WHERE run=? AND name=?", (run, name)
+        ).fetchone()
+        return None if row is None else dict(json.loads(row[0]))
+
+    def input_batch(self, run: int, name: str) -> int | None:
+        """The batch an input was grouped into (None: not yet, or never seen)."""
+        row = self._db.execute(
+            "SELECT batch FROM inputs WHERE run=? AND name=?", (run, name)
+        ).fetchone()
+        return None if row is None or row[0] is None else int(row[0])
+
+    def set_input_meta(self, run: int, name: str, meta: dict[str, Any]) -> None:
+        """Replace what was recorded with an input (e.g. a rewritten file's new size)."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE inputs SET meta=? WHERE run=? AND name=?", (json.dumps(meta), run, name)
+            )
+
+    def mark_bad(self, run: int, name: str, reason: str) -> None:
+        """Record that an input was rejected (by a job, or at arrival)."""
+        with self._tx() as db:
+            db.execute("UPDATE inputs SET bad=? WHERE run=? AND name=?", (reason, run, name))
+
+    def bad_inputs(self, run: int) -> dict[str, str]:
+        """Rejected inputs of the run and why."""
         rows = self._db.execute(
-            "SELECT name, seen FROM inputs WHERE run=? AND batch IS NULL ORDER BY name", (run,)
+            "SELECT name, bad FROM inputs WHERE run=? AND bad IS NOT NULL ORDER BY name", (run,)
+        )
+        return {str(r[0]): str(r[1]) for r in rows}
+
+    def seen_ls(self, run: int, last: int) -> set[int]:
+        """The LS numbers 1..``last`` recorded for the run (step 2)."""
+        rows = self._db.execute(
+            "SELECT ls FROM inputs WHERE run=? AND ls BETWEEN 1 AND ?", (run, last)
+        )
+        return {int(r[0]) for r in rows}
+
+    def count_ls(self, run: int, last: int) -> int:
+        """How many of the LS numbers 1..``last`` were recorded (an index range count)."""
+        row = self._db.execute(
+            "SELECT COUNT(*) FROM inputs WHERE run=? AND ls BETWEEN 1 AND ?", (run, last)
+        ).fetchone()
+        return int(row[0])
+
+    def pending_inputs(self, run: int) -> list[tuple[str, float]]:
+        """(name, seen) of good inputs not yet in a batch, in name order."""
+        rows = self._db.execute(
+            "SELECT name, seen FROM inputs WHERE run=? AND batch IS NULL AND bad IS NULL "
+            "ORDER BY name",
+            (run,),
         )
         return [(str(r[0]), float(r[1])) for r in rows]
 
@@ -204,6 +328,13 @@ class Journal:
             "SELECT name FROM inputs WHERE run=? AND batch=? ORDER BY name", (run, batch)
         )
         return [str(r[0]) for r in rows]
+
+    def metas_of(self, run: int, batch: int) -> list[dict[str, Any]]:
+        """What was recorded with each input of one batch, in name order."""
+        rows = self._db.execute(
+            "SELECT meta FROM inputs WHERE run=? AND batch=? ORDER BY name", (run, batch)
+        )
+        return [dict(json.loads(r[0])) for r in rows]
 
     def has_input(self, run: int, name: str) -> bool:
         """True when the input was recorded."""
@@ -269,12 +400,16 @@ class Journal:
 
     # --------------------------------------------------------------------------- jobs
 
-    def add_job(self, run: int, batch: int, job_dir: Path, argv: list[str]) -> None:
-        """Create a pending job for a batch (idempotent)."""
+    def add_job(
+        self, run: int, batch: int, job_dir: Path, argv: list[str], config_sha256: str
+    ) -> None:
+        """Create a pending job for a batch (idempotent), with the hash of its frozen
+        configuration (provenance)."""
         with self._tx() as db:
             db.execute(
-                "INSERT OR IGNORE INTO jobs (run, batch, state, job_dir, argv) VALUES (?,?,?,?,?)",
-                (run, batch, "pending", str(job_dir), json.dumps(argv)),
+                "INSERT OR IGNORE INTO jobs (run, batch, state, job_dir, argv, config_sha256) "
+                "VALUES (?,?,?,?,?,?)",
+                (run, batch, JobPhase.PENDING, str(job_dir), json.dumps(argv), config_sha256),
             )
 
     def update_job(self, run: int, batch: int, **fields: Any) -> None:
@@ -286,7 +421,7 @@ class Journal:
             )
 
     def jobs(
-        self, *, states: tuple[str, ...] | None = None, run: int | None = None
+        self, *, states: tuple[JobPhase, ...] | None = None, run: int | None = None
     ) -> list[JobRow]:
         """Jobs filtered by state and/or run, in (run, batch) order."""
         query, args = "SELECT * FROM jobs WHERE 1=1", list[Any]()
@@ -326,14 +461,23 @@ class Journal:
     # ------------------------------------------------------------------------ uploads
 
     def add_upload(
-        self, run: int, seq: int, *, tag: str, since: int, payload: Path, version: str, now: float
+        self,
+        run: int,
+        seq: int,
+        *,
+        tag: str,
+        since: int,
+        payload: Path,
+        version: str,
+        now: float,
+        config_sha256: str = "",
     ) -> None:
         """Queue a payload upload (idempotent per harvest)."""
         with self._tx() as db:
             db.execute(
                 "INSERT OR IGNORE INTO uploads (run, seq, tag, since, payload, version, "
-                "state, created) VALUES (?,?,?,?,?,?,?,?)",
-                (run, seq, tag, since, str(payload), version, "pending", now),
+                "state, created, config_sha256) VALUES (?,?,?,?,?,?,?,?,?)",
+                (run, seq, tag, since, str(payload), version, "pending", now, config_sha256),
             )
 
     def uploads(self, *, states: tuple[str, ...], run: int | None = None) -> list[UploadRow]:
@@ -369,11 +513,12 @@ def _job(row: tuple[Any, ...]) -> JobRow:
         finished,
         next_attempt,
         detail,
+        config_sha256,
     ) = row
     return JobRow(
         int(run),
         int(batch),
-        str(state),
+        JobPhase(state),
         int(attempts),
         backend_id,
         Path(job_dir),
@@ -383,6 +528,7 @@ def _job(row: tuple[Any, ...]) -> JobRow:
         finished,
         float(next_attempt),
         str(detail),
+        str(config_sha256),
     )
 
 
@@ -400,6 +546,7 @@ def _upload(row: tuple[Any, ...]) -> UploadRow:
         payload_hash,
         detail,
         _created,
+        config_sha256,
     ) = row
     return UploadRow(
         int(run),
@@ -413,4 +560,5 @@ def _upload(row: tuple[Any, ...]) -> UploadRow:
         float(next_attempt),
         payload_hash,
         str(detail),
+        str(config_sha256),
     )

@@ -95,7 +95,10 @@ class Outbox:
                 row.since,
                 array,
                 input_tag=row.version,
-                user_text=f"calloop {self._calibration().name} run {row.run} harvest {row.seq}",
+                user_text=(
+                    f"calloop {self._calibration().name} run {row.run} harvest {row.seq} "
+                    f"config_sha256 {row.config_sha256 or 'unknown'}"
+                ),
             )
         except ConditionsUnavailable as exc:
             delay = min(MAX_BACKOFF_S, self.backoff_s * 2**row.attempts)

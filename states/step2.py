@@ -13,14 +13,20 @@ LaunchingExpressJobs   submitting due jobs to the backend (within its limit)
 WaitingForJobs         run ended and every LS is batched; waiting for jobs to settle
 CleanupState           every job finished or was given up: writing ``run.end``
 Done                   complete
-Skipped                not selected (run type, stable beams, or fewer than min_ls LS)
+Skipped                not selected: the rule that excluded it is logged once (INFO)
 Failed                 an action raised; quarantined until an operator restarts
 =====================  =============================================================
 
 The seed wrote ``runEnd`` before its last jobs finished; here ``run.end`` requires the
-registry's end, every LS up to the registry's last LS (or ``max_wait_s`` of grace, with
-a WARNING naming the missing ones), and no job still open. An unreachable registry is
-never read as an end; a run that never ends is closed after the look-back window.
+registry's end, every LS number 1..last seen (or ``max_wait_s`` of grace, with a WARNING
+naming the missing ones), and no job still open. An unreachable registry is never read
+as an end; a run that never ends is closed after the look-back window.
+
+LS files: only canonical names count (``run<R>/run<R>_ls<NNNN>.h5``; anything else is
+named in one WARNING and ignored), so one LS is one file. An LS file rewritten after it
+was batched is reported with a WARNING and kept out: its job read (or reads) the
+content it had when batched, and the payload is not silently re-derived from a
+different input; the run's marker and the journal list it.
 """
 
 from __future__ import annotations
@@ -29,15 +35,18 @@ from dataclasses import replace
 from datetime import datetime
 from enum import Enum, auto
 from pathlib import Path
-from typing import Any
 
 from transitions import EventData
 
 from loop.errors import RegistryError
-from loop.fsutil import atomic_write_json
-from loop.rawformat import parse_raw_name, raw_path, run_dir
+from loop.fsutil import atomic_write_json, is_temporary
+from loop.journal import NewInput
+from loop.rawformat import parse_raw_name, run_dir
 from loop.registry import RegistryClient, RunInfo
-from states.common import Facts, RunModel, Step, StepContext, Transition
+from loop.runrecord import RunRecord
+from loop.selection import select
+from states.machine import Facts, RunModel, Transition
+from states.step import Step, StepContext
 
 
 class Step2State(Enum):
@@ -126,6 +135,8 @@ class Step2Run(RunModel):
     """A run in step 2: actions are bound to states here, conditions in the base."""
 
     STATES = Step2State
+    TRANSITIONS = TRANSITIONS
+    INITIAL = Step2State.NotRunning
     FAILED = Step2State.Failed
     step: Step2
 
@@ -133,13 +144,17 @@ class Step2Run(RunModel):
         """Record ``run.start`` (like the seed's runStart.log) once selected."""
         self.step.write_run_start(self.run)
 
+    def on_enter_Skipped(self, event: EventData) -> None:
+        """Say once why the run is not processed, then retire it."""
+        self.step.report_skip(self.run)
+        self.retire(event)
+
     on_enter_PreparingLS = RunModel.make_batches
     on_enter_PreparingFinalLS = RunModel.make_final_batches
     on_enter_PreparingExpressJobs = RunModel.create_jobs
     on_enter_LaunchingExpressJobs = RunModel.submit_jobs
     on_enter_CleanupState = RunModel.close_run
     on_enter_Done = RunModel.retire
-    on_enter_Skipped = RunModel.retire
 
 
 class Step2(Step):
@@ -148,8 +163,6 @@ class Step2(Step):
     name = "step2"
     worker = "reco"
     model_class = Step2Run
-    transitions = TRANSITIONS
-    initial = Step2State.NotRunning
     final_states = ("Done", "Skipped")
     marker_name = "run.end"
 
@@ -158,6 +171,7 @@ class Step2(Step):
         self.registry = registry
         self._next_poll = 0.0
         self._registry_down = False
+        self._warned: set[Path] = set()  # non-canonical names already reported
 
     @property
     def stream_root(self) -> Path:
@@ -168,19 +182,56 @@ class Step2(Step):
         return [self.stream_root]
 
     def accept(self, path: Path) -> bool:
-        return parse_raw_name(path) is not None
+        return path.suffix == ".h5" and not is_temporary(path)
 
     def ingest(self, path: Path) -> None:
         parsed = parse_raw_name(path)
         if parsed is None:
+            self._warn_name(path)
             return
-        run, _ls = parsed
+        run, ls = parsed
+        try:
+            stat = path.stat()
+        except OSError:
+            return  # gone again (renamed away): nothing to record
+        seen = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        recorded = self.journal.input_meta(run, path.name)
+        if recorded is not None:
+            if recorded != seen:
+                self._rewritten(run, path, seen)
+            return
         if self.track(run) is None:
-            self.log.warning(
-                "LS file arrived after the run was closed; not processed", run=run, file=str(path)
-            )
+            closed_as = self.journal.run_state(run)
+            log = self.log.debug if closed_as == "Skipped" else self.log.warning
+            log("LS file arrived after the run was closed; not processed", run=run, file=str(path))
             return
-        self.journal.add_inputs(run, [path.name], self.clock())
+        self.journal.add_inputs(run, [NewInput(path.name, ls=ls, meta=seen)], self.clock())
+
+    def _warn_name(self, path: Path) -> None:
+        if path in self._warned:
+            return
+        self._warned.add(path)
+        self.log.warning(
+            "not a canonical LS file name; ignored (expected run<R>/run<R>_ls<NNNN>.h5, "
+            "LS >= 1, no extra leading zeros)",
+            file=str(path),
+        )
+
+    def _rewritten(self, run: int, path: Path, seen: dict[str, int]) -> None:
+        """An LS file changed after it was recorded (see the module docstring)."""
+        self.journal.set_input_meta(run, path.name, seen)
+        if self.journal.input_batch(run, path.name) is None:
+            return  # not batched yet: its job will read the new content
+        record = self.journal.info(run)
+        if path.name not in record.rewritten:
+            self.journal.update_info(run, rewritten=[*record.rewritten, path.name])
+        self.log.warning(
+            "LS file rewritten after it was processed; the new content is kept out "
+            "(the run's payload uses the content its job read)",
+            run=run,
+            file=str(path),
+            size=seen["size"],
+        )
 
     def startup_scan(self) -> None:
         for run in list(self.models):
@@ -188,9 +239,12 @@ class Step2(Step):
 
     def _scan_run(self, run: int) -> None:
         directory = run_dir(self.ctx.loop_config.raw_root, self.calibration.raw_input.stream, run)
-        names = [p.name for p in self.watcher.scan(directory, f"run{run}_ls*.h5")]
-        if self.journal.add_inputs(run, names, self.clock()):
-            self.log.info("LS files found by directory scan", run=run, files=len(names))
+        before = self.journal.input_count(run)
+        for path in self.watcher.scan(directory, "*.h5"):
+            self.ingest(path)
+        found = self.journal.input_count(run) - before
+        if found:
+            self.log.info("LS files found by directory scan", run=run, files=found)
 
     def input_paths(self, run: int, inputs: list[str]) -> list[str]:
         return [str(self.stream_root / f"run{run}" / name) for name in inputs]
@@ -222,63 +276,62 @@ class Step2(Step):
         if self.track(info.run_number) is None:
             return
         previous = self.journal.info(info.run_number)
-        values: dict[str, Any] = {
-            "run_type": info.run_type,
-            "stable_beam": info.stable_beam,
-            "start_time": info.start_time.timestamp(),
-            "ended": info.ended,
-            "last_ls": info.last_lumisection_number or 0,
-        }
-        if info.ended and not previous.get("ended"):
-            values["ended_seen_at"] = now
-            self.log.info(
-                "registry reports run ended",
-                run=info.run_number,
-                last_ls=info.last_lumisection_number,
-            )
-        self.journal.update_info(info.run_number, **values)
-        seen = self.journal.input_count(info.run_number)
-        if is_new or seen < values["last_ls"]:
+        last_ls = info.last_lumisection_number or 0
+        ended_seen_at = previous.ended_seen_at
+        if info.ended and not previous.ended:
+            ended_seen_at = now
+            self.log.info("registry reports run ended", run=info.run_number, last_ls=last_ls)
+        self.journal.update_info(
+            info.run_number,
+            run_type=info.run_type,
+            stable_beam=info.stable_beam,
+            start_time=info.start_time.timestamp(),
+            ended=info.ended,
+            last_ls=last_ls,
+            ended_seen_at=ended_seen_at,
+        )
+        if is_new or self.journal.count_ls(info.run_number, last_ls) < last_ls:
             self._scan_run(info.run_number)  # safety net for events missed before tracking
 
     # -------------------------------------------------------------------- facts
 
     def facts(self, run: int, now: float) -> Facts:
         base = super().facts(run, now)
-        info = self.journal.info(run)
+        record = self.journal.info(run)
         seen = self.journal.input_count(run)
         return replace(
             base,
-            selected=self._selected(run, info, seen, now),
-            ended=self._ended(run, info, seen, now),
+            selected=self.selection(run, record, seen, now)[0],
+            ended=self._ended(run, record, now),
         )
 
-    def _selected(self, run: int, info: dict[str, Any], seen: int, now: float) -> bool | None:
-        if "run_type" not in info:  # raw files but no registry entry yet: wait, up to a point
-            first = self.journal.first_seen(run) or now
-            if now - first <= self.ctx.loop_config.lookback_hours * 3600:
-                return None
-            self.log.warning(
-                "raw files of a run the registry never listed; skipping it after "
-                "the look-back window",
-                run=run,
-                files=seen,
-            )
-            return False
-        selection = self.calibration.run_selection
-        if info["run_type"] not in selection.run_types:
-            return False
-        if selection.stable_beam is not None and info["stable_beam"] != selection.stable_beam:
-            return False
-        if max(seen, info["last_ls"]) >= selection.min_ls:
-            return True
-        return False if info["ended"] else None
+    def selection(
+        self, run: int, record: RunRecord, seen: int, now: float
+    ) -> tuple[bool | None, str]:
+        """Whether the run is selected (None: not decided yet) and the rule that decided."""
+        if record.run_type is not None:
+            return select(self.calibration.run_selection, record, seen)
+        # raw files but no registry entry yet: wait, up to the look-back window
+        first = self.journal.first_seen(run) or now
+        if now - first <= self.ctx.loop_config.lookback_hours * 3600:
+            return None, "waiting for the registry to list the run"
+        return False, (
+            "the registry never listed the run within the look-back window "
+            f"(lookback_hours = {self.ctx.loop_config.lookback_hours:g})"
+        )
 
-    def _ended(self, run: int, info: dict[str, Any], seen: int, now: float) -> bool:
+    def report_skip(self, run: int) -> None:
+        """Log (once, at INFO) and record the rule that excluded the run."""
+        record = self.journal.info(run)
+        _, reason = self.selection(run, record, self.journal.input_count(run), self.clock())
+        self.journal.update_info(run, skip_reason=reason)
+        self.log.info("run skipped", run=run, rule=reason, run_type=record.run_type)
+
+    def _ended(self, run: int, record: RunRecord, now: float) -> bool:
         lookback_s = self.ctx.loop_config.lookback_hours * 3600
-        if not info.get("ended"):
-            if "start_time" in info and now - info["start_time"] > lookback_s:
-                if not info.get("lookback_closed"):
+        if not record.ended:
+            if record.start_time is not None and now - record.start_time > lookback_s:
+                if not record.lookback_closed:
                     self.journal.update_info(run, lookback_closed=True)
                     self.log.warning(
                         "run never ended; closing it after the look-back window",
@@ -287,14 +340,14 @@ class Step2(Step):
                     )
                 return True
             return False
-        if seen >= info["last_ls"]:
-            return True
-        waited = now - info.get("ended_seen_at", now)
+        if self.journal.count_ls(run, record.last_ls) >= record.last_ls:
+            return True  # every LS number 1..last seen (names are canonical: one per LS)
+        waited = now - (record.ended_seen_at or now)
         if waited < self.calibration.step2.max_wait_s:
             return False
-        if not info.get("missing_reported"):
-            missing = self._missing_ls(run, info["last_ls"])
-            self.journal.update_info(run, missing_reported=True, missing_ls=missing)
+        if record.missing_ls is None:
+            missing = self.missing_ls(run, record.last_ls)
+            self.journal.update_info(run, missing_ls=missing)
             self.log.warning(
                 "run ended but LS files never arrived; closing without them",
                 run=run,
@@ -303,27 +356,27 @@ class Step2(Step):
             )
         return True
 
-    def _missing_ls(self, run: int, last_ls: int) -> list[int]:
-        stream = self.calibration.raw_input.stream
-        root = self.ctx.loop_config.raw_root
-        return [
-            ls
-            for ls in range(1, last_ls + 1)
-            if not self.journal.has_input(run, raw_path(root, stream, run, ls).name)
-        ]
+    def missing_ls(self, run: int, last_ls: int) -> list[int]:
+        """The LS numbers 1..``last_ls`` never seen."""
+        seen = self.journal.seen_ls(run, last_ls)
+        return [ls for ls in range(1, last_ls + 1) if ls not in seen]
 
     def end_reason(self, run: int) -> str:
-        info = self.journal.info(run)
-        if info.get("lookback_closed"):
+        record = self.journal.info(run)
+        if record.lookback_closed:
             return "run never ended: closed after the look-back window"
-        missing = info.get("missing_ls")
-        return "registry reports the run ended" + (
-            f"; LS never arrived: {missing}" if missing else ""
-        )
+        notes = []
+        if record.missing_ls:
+            notes.append(f"LS never arrived: {record.missing_ls}")
+        if record.rewritten:
+            notes.append(f"rewritten after processing, kept out: {record.rewritten}")
+        return "; ".join(["registry reports the run ended", *notes])
 
     def write_run_start(self, run: int) -> None:
         """``run<R>/step2/run.start``: what the registry said when the run was selected."""
-        atomic_write_json(self.step_dir(run) / "run.start", {"run": run, **self.journal.info(run)})
+        atomic_write_json(
+            self.step_dir(run) / "run.start", {"run": run, **self.journal.info(run).to_json()}
+        )
 
     def batch_sizes(self) -> tuple[int, int]:
         return self.calibration.step2.min_ls_per_job, self.calibration.step2.max_ls_per_job

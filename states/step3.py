@@ -21,7 +21,8 @@ from __future__ import annotations
 
 from enum import Enum, auto
 
-from states.common import FollowsUpstream, RunModel, Transition
+from states.machine import RunModel, Transition
+from states.upstream import FollowsUpstream
 
 
 class Step3State(Enum):
@@ -107,6 +108,8 @@ class Step3Run(RunModel):
     """A run in step 3."""
 
     STATES = Step3State
+    TRANSITIONS = TRANSITIONS
+    INITIAL = Step3State.NotRunning
     FAILED = Step3State.Failed
 
     on_enter_PreparingFiles = RunModel.make_batches
@@ -123,8 +126,6 @@ class Step3(FollowsUpstream):
     name = "step3"
     worker = "alca"
     model_class = Step3Run
-    transitions = TRANSITIONS
-    initial = Step3State.NotRunning
     final_states = ("Done",)
     marker_name = "step3.done"
     upstream = "step2"

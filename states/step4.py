@@ -13,14 +13,20 @@ LaunchingHarvestingJobs    submitting it
 WaitingForHarvest          one harvest per run at a time: waiting for it to finish
 Uploading                  validating the payload, writing a store version, queuing the
                            upload in the outbox (a failed validation is stored retired)
-Cleanup                    step 3 complete, all harvested: waiting for the outbox to drain
-Done                       complete (``step4.done`` names the final version)
+Cleanup                    step 3 complete, all harvested: ``step4.done`` and
+                           ``summary.json`` written; waiting for the outbox to drain
+Done                       complete: the final payload passed validation
+Rejected                   complete, but the final payload failed validation: kept in
+                           the store (retired) for inspection, not uploaded
 Failed                     an action raised; quarantined
 =========================  =========================================================
 
 Harvests of a run are serialized and chained (each merges the previous state with the
 new accumulators), so a re-harvest costs what is new and parallel harvests can never
-upload out of order.
+upload out of order. Each harvest publishes with its own frozen configuration
+(validation thresholds, tag, time type), whose SHA-256 goes into the store version,
+the upload and ``summary.json``. With ``step4.upload_intermediate: false`` every
+harvest is stored but only the run's newest accepted payload is uploaded, at Cleanup.
 """
 
 from __future__ import annotations
@@ -38,12 +44,17 @@ from transitions import EventData
 from loop import __version__
 from loop.conddb.client import Conditions
 from loop.conddb.rules import lumi_since
+from loop.config import CalibrationConfig
 from loop.errors import StoreError
 from loop.fsutil import atomic_write_json
-from loop.journal import JobRow
+from loop.jobconfig import FROZEN_CONFIG, load_frozen
+from loop.journal import JobPhase, JobRow
+from loop.manifest import Manifest, ManifestError
 from loop.outbox import Outbox
 from loop.store import CalibStore, Validity
-from states.common import Facts, FollowsUpstream, RunModel, StepContext, Transition
+from states.machine import Facts, RunModel, Transition
+from states.step import StepContext
+from states.upstream import FollowsUpstream
 from workers.algorithms import Payload, validate
 from workers.harvest import PAYLOAD, STATE, SUMMARY
 
@@ -62,6 +73,7 @@ class Step4State(Enum):
     Uploading = auto()
     Cleanup = auto()
     Done = auto()
+    Rejected = auto()
     Failed = auto()
 
 
@@ -124,7 +136,19 @@ TRANSITIONS: list[Transition] = [
         "conditions": "jobs_settled",
     },
     {"trigger": "more_inputs", "source": S.Uploading, "dest": S.CheckingFiles},
-    {"trigger": "finish", "source": S.Cleanup, "dest": S.Done, "conditions": "uploads_settled"},
+    {
+        "trigger": "finish",
+        "source": S.Cleanup,
+        "dest": S.Done,
+        "conditions": "uploads_settled",
+        "unless": "final_rejected",
+    },
+    {
+        "trigger": "reject",
+        "source": S.Cleanup,
+        "dest": S.Rejected,
+        "conditions": ["uploads_settled", "final_rejected"],
+    },
     {"trigger": "fail", "source": "*", "dest": S.Failed},
 ]
 
@@ -133,6 +157,8 @@ class Step4Run(RunModel):
     """A run in step 4."""
 
     STATES = Step4State
+    TRANSITIONS = TRANSITIONS
+    INITIAL = Step4State.NotRunning
     FAILED = Step4State.Failed
     step: Step4
 
@@ -170,7 +196,11 @@ class Step4Run(RunModel):
         """The outbox holds nothing more for this run."""
         return self.facts.uploads_pending == 0
 
-    on_enter_PreparingFiles = RunModel.make_final_batches  # one batch of all new outputs
+    def final_rejected(self, _event: EventData) -> bool:
+        """The run's newest harvest failed validation."""
+        return self.facts.rejected
+
+    on_enter_PreparingFiles = RunModel.make_batches  # one batch of all new outputs
     on_enter_PreparingFinalFiles = RunModel.make_final_batches
     on_enter_PreparingHarvestingJobs = RunModel.create_jobs
     on_enter_LaunchingHarvestingJobs = RunModel.submit_jobs
@@ -181,6 +211,7 @@ class Step4Run(RunModel):
 
     on_enter_Cleanup = RunModel.close_run
     on_enter_Done = RunModel.retire
+    on_enter_Rejected = RunModel.retire
 
 
 class Step4(FollowsUpstream):
@@ -189,9 +220,8 @@ class Step4(FollowsUpstream):
     name = "step4"
     worker = "harvest"
     model_class = Step4Run
-    transitions = TRANSITIONS
-    initial = Step4State.NotRunning
-    final_states = ("Done",)
+    final_states = ("Done", "Rejected")
+    ATTENTION_STATES = ("Failed", "Rejected")
     marker_name = "step4.done"
     upstream = "step3"
     upstream_marker = "step3.done"
@@ -220,67 +250,80 @@ class Step4(FollowsUpstream):
 
     def facts(self, run: int, now: float) -> Facts:
         base = super().facts(run, now)
-        info = self.journal.info(run)
-        last = info.get("last_harvest_at", 0.0)
-        succeeded = {j.batch for j in self.journal.jobs(run=run) if j.state == "succeeded"}
-        published = set(info.get("published", []))
-        interval_ok = now - last >= self.calibration.step4.min_interval_s
+        record = self.journal.info(run)
+        succeeded = {j.batch for j in self.journal.jobs(run=run, states=(JobPhase.SUCCEEDED,))}
+        interval_ok = now - record.last_harvest_at >= self.calibration.step4.min_interval_s
         return replace(
             base,
             harvests=self.journal.batch_count(run),
-            unpublished=bool(succeeded - published),
+            unpublished=bool(succeeded - set(record.published)),
             uploads_pending=self.outbox.pending(run),
             harvest_allowed=interval_ok,
+            rejected=bool(record.last_problems),
         )
 
     # --------------------------------------------------------------- harvest jobs
 
-    def job_argv(self, run: int, batch: int, inputs: list[str], job_dir: Path) -> list[str]:
-        """Chain on the newest succeeded harvest; include every input since it."""
+    def _previous_harvest(self, run: int, batch: int) -> JobRow | None:
         previous = [
-            j for j in self.journal.jobs(run=run) if j.state == "succeeded" and j.batch < batch
+            j for j in self.journal.jobs(run=run, states=(JobPhase.SUCCEEDED,)) if j.batch < batch
         ]
-        since = previous[-1].batch if previous else 0
-        names = [n for b in range(since + 1, batch + 1) for n in self.journal.inputs_of(run, b)]
-        argv = super().job_argv(run, batch, names, job_dir)
+        return previous[-1] if previous else None
+
+    def job_inputs(self, run: int, batch: int) -> list[str]:
+        """Every input since the newest succeeded harvest (a given-up harvest's inputs
+        are folded into the next one)."""
+        previous = self._previous_harvest(run, batch)
+        since = previous.batch if previous else 0
+        return [n for b in range(since + 1, batch + 1) for n in self.journal.inputs_of(run, b)]
+
+    def job_argv(
+        self, run: int, batch: int, inputs: list[str], job_dir: Path, config_path: Path
+    ) -> list[str]:
+        """Chain on the newest succeeded harvest's state."""
+        argv = super().job_argv(run, batch, inputs, job_dir, config_path)
+        previous = self._previous_harvest(run, batch)
         if previous and self.external_command() is None:
-            argv += ["--previous-state", str(previous[-1].job_dir / "out" / STATE)]
-        self.journal.update_info(run, last_harvest_at=self.clock())
+            argv += ["--previous-state", str(previous.job_dir / "out" / STATE)]
         return argv
 
-    def on_job_success(self, job: JobRow, status: Any) -> None:
-        """A harvest must leave a payload and a summary (published in Uploading)."""
+    def create_jobs(self, run: int) -> list[int]:
+        """Create the harvest job and start the cadence clock."""
+        created = super().create_jobs(run)
+        if created:
+            self.journal.update_info(run, last_harvest_at=self.clock())
+        return created
+
+    def record_success(self, job: JobRow, manifest: Manifest) -> None:
+        """A harvest must declare a payload and a summary (published in Uploading)."""
+        declared = {o.name for o in manifest.outputs}
         for name in (PAYLOAD, SUMMARY):
-            if not (job.job_dir / "out" / name).is_file():
-                raise StoreError(f"harvest of run {job.run} #{job.batch} wrote no {name}")
+            if name not in declared:
+                raise ManifestError(f"harvest of run {job.run} #{job.batch} declared no {name}")
+        super().record_success(job, manifest)
 
     # ----------------------------------------------------------------- publishing
 
     def publish(self, run: int) -> None:
         """Validate, store (exactly once per harvest) and queue each finished harvest."""
-        info = self.journal.info(run)
-        published = list(info.get("published", []))
-        for job in self.journal.jobs(run=run):
-            if job.state == "succeeded" and job.batch not in published:
+        published = list(self.journal.info(run).published)
+        for job in self.journal.jobs(run=run, states=(JobPhase.SUCCEEDED,)):
+            if job.batch not in published:
                 self._publish_one(run, job)
                 published.append(job.batch)
-                self.journal.update_info(
-                    run,
-                    published=published,
-                    final_version=self.journal.info(run).get("last_version"),
-                )
+                self.journal.update_info(run, published=published)
 
     def _publish_one(self, run: int, job: JobRow) -> None:
-        cal = self.calibration
+        cal = load_frozen(job.job_dir / FROZEN_CONFIG, job.config_sha256 or None)
         out = job.job_dir / "out"
         payload = Payload(
             np.load(out / PAYLOAD, allow_pickle=False), json.loads((out / SUMMARY).read_text())
         )
         detector = self.store.detector(cal.detector, create=True)
         key = f"{cal.name}:run{run}:harvest{job.batch}"
-        version = self._stored_version(detector, run, key)
+        version = self._stored_version(detector, cal, run, key)
         if version is None:
-            previous = self._previous(detector, run)
+            previous = self._previous(detector, cal, run)
             problems = validate(payload, previous, cal.validation, cal.payload.calibration_type)
             version = detector.add(
                 cal.payload.ctype,
@@ -292,36 +335,39 @@ class Step4(FollowsUpstream):
                 metadata={
                     "harvest_key": key,
                     "source_runs": [run],
-                    "config_hash": cal.config_hash(),
+                    "config_sha256": job.config_sha256,
                     "software": f"calloop {__version__}",
                     "author": f"calloop step4 ({cal.expert.email})",
                     "quality": payload.summary,
                     "validation_problems": problems,
                 },
             )
-            if problems:
-                self.log.error(
-                    "payload failed validation: stored as a retired version, not uploaded",
-                    run=run,
-                    harvest=job.batch,
-                    version=version,
-                    problems=problems,
+        else:
+            problems = list(
+                detector.get(cal.payload.ctype, version=version).metadata.get(
+                    "validation_problems", []
                 )
-                return
-        elif detector.get(cal.payload.ctype, version=version).retired:
-            return
-        self.journal.update_info(run, last_version=version)
-        self.journal.add_upload(
+            )
+        self.journal.update_info(
             run,
-            job.batch,
-            tag=cal.payload.destination_tag,
-            since=self._since(run),
-            payload=out / PAYLOAD,
-            version=version,
-            now=self.clock(),
+            last_version=version,
+            last_problems=problems,
+            last_config_sha256=job.config_sha256,
         )
+        if problems:
+            self.log.error(
+                "payload failed validation: stored as a retired version, not uploaded",
+                run=run,
+                harvest=job.batch,
+                version=version,
+                problems=problems,
+            )
+            return
+        self.journal.update_info(run, accepted_harvest=job.batch, accepted_version=version)
+        if cal.step4.upload_intermediate:
+            self._queue_upload(run, job, cal, version)
         self.log.info(
-            "payload stored and queued for upload",
+            "payload stored" + (" and queued for upload" if cal.step4.upload_intermediate else ""),
             run=run,
             harvest=job.batch,
             version=version,
@@ -329,25 +375,39 @@ class Step4(FollowsUpstream):
             bad_channels=payload.summary.get("bad_channels"),
         )
 
-    def _stored_version(self, detector: Any, run: int, key: str) -> str | None:
+    def _queue_upload(self, run: int, job: JobRow, cal: CalibrationConfig, version: str) -> None:
+        self.journal.add_upload(
+            run,
+            job.batch,
+            tag=cal.payload.destination_tag,
+            since=self._since(run, cal),
+            payload=job.job_dir / "out" / PAYLOAD,
+            version=version,
+            config_sha256=job.config_sha256,
+            now=self.clock(),
+        )
+
+    def _stored_version(
+        self, detector: Any, cal: CalibrationConfig, run: int, key: str
+    ) -> str | None:
         if not detector.exists():
             return None
         range_name = Validity(begin_run=run).name()
         try:
-            versions = detector.versions(self.calibration.payload.ctype, range_name)
+            versions = detector.versions(cal.payload.ctype, range_name)
         except StoreError:
             return None
         return next((v.version for v in versions if v.metadata.get("harvest_key") == key), None)
 
-    def _previous(self, detector: Any, run: int) -> np.ndarray | None:
+    def _previous(self, detector: Any, cal: CalibrationConfig, run: int) -> np.ndarray | None:
         try:
-            constants = detector.get(self.calibration.payload.ctype, run=run)
+            constants = detector.get(cal.payload.ctype, run=run)
         except StoreError:
             return None
         return np.asarray(constants.array)
 
-    def _since(self, run: int) -> int:
-        time_type = self.calibration.payload.time_type
+    def _since(self, run: int, cal: CalibrationConfig) -> int:
+        time_type = cal.payload.time_type
         if time_type == "lumi":
             return lumi_since(run, 1)
         if time_type == "time":
@@ -356,13 +416,34 @@ class Step4(FollowsUpstream):
         return run
 
     def close_run(self, run: int) -> None:
+        """Queue the final upload (``upload_intermediate: false``), then write
+        ``step4.done`` and ``summary.json``: outcome, final version, validation,
+        configuration hash and every input rejected along the chain."""
+        record = self.journal.info(run)
+        accepted = record.accepted_harvest
+        job = self.journal.job(run, accepted) if accepted is not None else None
+        if job is not None and record.accepted_version is not None:
+            cal = load_frozen(job.job_dir / FROZEN_CONFIG, job.config_sha256 or None)
+            if not cal.step4.upload_intermediate:
+                self._queue_upload(run, job, cal, record.accepted_version)
         super().close_run(run)
+        if record.last_version is None:
+            outcome = "no payload"
+        elif record.last_problems:
+            outcome = "rejected"
+        else:
+            outcome = "accepted"
         atomic_write_json(
             self.step_dir(run) / "summary.json",
             {
                 "run": run,
-                "final_version": self.journal.info(run).get("last_version"),
+                "outcome": outcome,
+                "final_version": record.last_version,
+                "uploaded_version": record.accepted_version,
+                "validation_problems": record.last_problems,
+                "config_sha256": record.last_config_sha256,
                 "harvests": self.journal.batch_count(run),
+                "bad_inputs": self.bad_inputs(run),
             },
         )
 

@@ -105,7 +105,7 @@ class Harness:
 def harness(tmp_path: Path, plan: Scenario) -> Harness:
     """A harness with the registry running and the player prepared (no event played)."""
     registry = RegistryServer(tmp_path / "registry_state.json").start_background()
-    loop_config = workspace(tmp_path, registry_port=registry.port)
+    loop_config = workspace(tmp_path, registry_port=registry.port, scenario=plan)
     player = Player(plan, tmp_path / "registry_state.json", loop_config.raw_root, speed=1.0)
     player.prepare()
     return Harness(tmp_path, registry, loop_config, player)

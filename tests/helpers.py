@@ -8,7 +8,7 @@ import numpy as np
 
 from loop.config import CalibrationConfig, LoopConfig, load_calibration, load_loop_config
 from loop.demo import write_workspace
-from loop.rawformat import TRIGGER_CODES, read_raw_ls
+from loop.rawformat import TRIGGER_CODES, parse_raw_name, raw_path, read_raw_ls
 from workers.accumulators import ChannelStats
 from workers.algorithms import compute_payload
 
@@ -26,9 +26,14 @@ def one_shot_stats(frames: np.ndarray, threshold: float) -> ChannelStats:
     )
 
 
-def reference_payload(raw_root: Path, cal: CalibrationConfig, run: int) -> tuple[np.ndarray, int]:
-    """The payload of ``run`` from all its raw files at once; returns (array, events)."""
-    files = sorted((raw_root / cal.raw_input.stream / f"run{run}").glob(f"run{run}_ls*.h5"))
+def reference_payload(
+    raw_root: Path, cal: CalibrationConfig, run: int, exclude: tuple[int, ...] = ()
+) -> tuple[np.ndarray, int]:
+    """The payload of ``run`` from all its raw files (but the LS in ``exclude``) at once;
+    returns (array, events)."""
+    directory = raw_path(raw_root, cal.raw_input.stream, run, 1).parent
+    parsed = {path: parse_raw_name(path) for path in directory.glob("*.h5")}
+    files = sorted(p for p, key in parsed.items() if key is not None and key[1] not in exclude)
     contents = [read_raw_ls(f) for f in files]
     frames = np.concatenate([c.frames for c in contents])
     trigger = np.concatenate([c.trigger for c in contents])

@@ -142,3 +142,34 @@ def test_cli_config_check(tmp_path: Path) -> None:
     assert "run_selection.min_ls" in result.stderr and "nThraeds" in result.stderr
     assert "2 problem(s) found" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _with_command(tmp_path: Path, command: str) -> Path:
+    old = "  trigger_types: [pedestal]"
+    return _edited(tmp_path, old, f"  command: {command}\n{old}")
+
+
+@pytest.mark.parametrize(
+    ("command", "says"),
+    [
+        ('["reco", "{inputs}", "--out", "{outdir}"]', "unknown placeholder {outdir}"),
+        ('["reco", "{inputs}", "{output_dir}", "{0}"]', "unknown placeholder {0}"),
+        ('["reco", "{inputs}", "{output_dir}", "{run.real}"]', "unknown placeholder {run.real}"),
+        ('["reco", "{inputs}", "{output_dir}", "{run:>8}"]', "unknown placeholder {run:>8}"),
+        ('["reco", "--in={inputs}", "{output_dir}"]', "{inputs} must be an item of its own"),
+        ('["reco", "{output_dir}", "{"]', "write {{ }} for a brace"),
+        ('["reco", "{output_dir}"]', "must contain {inputs}"),
+        ("[]", "must name a program"),
+    ],
+)
+def test_command_templates_are_checked_at_load(tmp_path: Path, command: str, says: str) -> None:
+    path = _with_command(tmp_path, command)
+    [problem] = _problems(path)
+    assert str(path) in problem and "step2.command" in problem and "(line 2" in problem
+    assert says in problem, problem
+
+
+def test_good_command_template_is_accepted(tmp_path: Path) -> None:
+    command = '["my-reco", "--cal", "{calibration}", "{inputs}", "--out={output_dir}", "r{run}"]'
+    path = _with_command(tmp_path, command)
+    assert load_calibration(path).step2.command is not None

@@ -26,13 +26,13 @@ from loop.conddb.server import ServiceThread, create_app
 from loop.config import dump_yaml, load_loop_config
 from loop.daemon import Daemon
 from loop.errors import DaemonError
-from loop.journal import Journal
+from loop.journal import Journal, NewInput
 from loop.logs import get_logger
 from loop.outbox import Outbox
 from loop.rawformat import raw_path
 from loop.sim.scenario import RunSpec
 from loop.witness import read_marker
-from states.common import Step
+from states.step import Step
 from tests.conftest import have, require, run_cli
 from tests.daemon_harness import Harness, harness, scenario, slow_command
 from tests.helpers import calibration, reference_payload, workspace
@@ -354,8 +354,12 @@ def test_failed_validation_is_stored_retired_and_not_uploaded(
     daemons = [h.start(step, "SiStripBad") for step in ("step2", "step3", "step4")]
     h.play()
     with caplog.at_level(logging.ERROR):
-        h.run_until(lambda: _state(daemons[2], RUN_A) == "Done", timeout=90)
+        h.run_until(lambda: _state(daemons[2], RUN_A) == "Rejected", timeout=90)
     assert any("failed validation" in r.getMessage() for r in caplog.records)
+    summary = json.loads((_step(daemons[2]).step_dir(RUN_A) / "summary.json").read_text())
+    assert summary["outcome"] == "rejected" and summary["uploaded_version"] is None
+    assert "bad-channel fraction" in summary["validation_problems"][0]
+    assert _step(daemons[2]).status()["runs_needing_attention"] == {str(RUN_A): "Rejected"}
     cal = calibration(h.loop_config, "SiStripBad")
     detector = _step(daemons[2]).store.detector(cal.detector)  # type: ignore[attr-defined]
     versions = detector.versions(cal.payload.ctype)
@@ -421,7 +425,7 @@ def test_batches_left_without_jobs_by_a_crash_are_recovered(h: Harness) -> None:
     journal = Journal(h.loop_config.work_dir / "EcalPedestals" / "step2.journal.sqlite")
     names = [f"run{RUN_A}_ls{ls:04d}.h5" for ls in range(1, 5)]
     journal.ensure_run(RUN_A, "CheckingLSForProcess", time.time())
-    journal.add_inputs(RUN_A, names, time.time())
+    journal.add_inputs(RUN_A, [NewInput(n, ls=i + 1) for i, n in enumerate(names)], time.time())
     journal.create_batches(RUN_A, [names[:2], names[2:]], final=True, now=time.time())
     journal.close()
     step2 = h.start("step2", "EcalPedestals")
@@ -447,8 +451,9 @@ def test_run_unknown_to_the_registry_is_skipped_after_lookback(
         made.cycle()
         assert _state(step2, RUN_A) == "NotRunning"  # waits for the registry at first
         made.offset = 8 * 3600 + 60
-        with caplog.at_level(logging.WARNING):
+        with caplog.at_level(logging.INFO):
             made.run_until(lambda: _state(step2, RUN_A) == "Skipped")
-        assert any("never listed" in r.getMessage() for r in caplog.records)
+        skips = [r.getMessage() for r in caplog.records if "run skipped" in r.getMessage()]
+        assert len(skips) == 1 and "never listed" in skips[0]
     finally:
         made.stop()

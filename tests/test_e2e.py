@@ -88,7 +88,7 @@ def test_sigkill_every_daemon_at_random_moments(tmp_path: Path) -> None:
     """SIGKILL daemons at random moments while the scenario plays, restart each one at
     once; the results must equal the undisturbed reference exactly."""
     scenario = load_scenario(QUICKSTART)
-    loop_yaml = write_workspace(tmp_path)
+    loop_yaml = write_workspace(tmp_path, scenario=scenario)
     group = ProcessGroup(tmp_path / "processes")
     rng = random.Random(2026)
     kills = 0

@@ -12,10 +12,9 @@ import pytest
 from loop.config import SlurmConfig, load_loop_config
 from loop.demo import format_table, run_demo
 from loop.errors import JobError
-from loop.jobs import BackendUnavailable
 from loop.sim.scenario import RunSpec, load_scenario
 from tests.daemon_harness import harness, scenario, slow_command
-from workers.backends.base import JobSpec, JobState, JobStatus
+from workers.backends.base import BackendUnavailable, JobSpec, JobState, JobStatus
 from workers.backends.slurm import SlurmBackend, parse_exit_code, slurm_state
 
 pytestmark = pytest.mark.slurm

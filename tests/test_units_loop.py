@@ -13,13 +13,16 @@ from hypothesis import strategies as st
 
 from loop.batching import due, plan_batches, ready
 from loop.config import AlgorithmConfig, ValidationConfig
-from loop.journal import Journal
+from loop.fsutil import sha256_file
+from loop.journal import JobPhase, Journal, NewInput
+from loop.manifest import BadInput, ManifestError, read_manifest, write_manifest
 from loop.witness import (
+    Output,
     Witness,
     WitnessError,
-    describe_outputs,
     read_marker,
     read_witness,
+    verify_witness,
     write_marker,
     write_witness,
 )
@@ -123,15 +126,18 @@ def test_validation_reasons() -> None:
 
 
 def test_witness_round_trip_and_checks(tmp_path: Path) -> None:
-    output = tmp_path / "reco.h5"
+    job_dir = tmp_path / "run1" / "step2" / "batch0001"
+    output = job_dir / "out" / "reco.h5"
+    output.parent.mkdir(parents=True)
     output.write_bytes(b"x" * 100)
+    record = Output(path=str(output), size=100, sha256=sha256_file(output))
     witness = Witness(
         calibration="C",
         run=1,
         step="step2",
         batch=1,
         inputs=["a"],
-        outputs=describe_outputs([output]),
+        outputs=[record],
         job_id="local:1:2",
         host="h",
         start=1.0,
@@ -139,12 +145,29 @@ def test_witness_round_trip_and_checks(tmp_path: Path) -> None:
         exit_code=0,
         attempts=1,
     )
-    path = tmp_path / "batch0001.witness.json"
+    path = job_dir.with_name("batch0001.witness.json")
     write_witness(path, witness)
     assert read_witness(path) == witness
-    output.write_bytes(b"x" * 50)
-    with pytest.raises(WitnessError, match="has 50 bytes"):
-        read_witness(path)
+    assert verify_witness(path, witness, run=1, step="step2") == [str(output)]
+    with pytest.raises(WitnessError, match="lies at run 2"):
+        verify_witness(path, witness, run=2, step="step2")
+    output.write_bytes(b"y" * 100)  # same size, other content
+    with pytest.raises(WitnessError, match="does not match its recorded SHA-256"):
+        verify_witness(path, witness, run=1, step="step2")
+    outside = tmp_path / "elsewhere.h5"
+    outside.write_bytes(b"z")
+    escaped = witness.model_copy(
+        update={"outputs": [Output(path=str(outside), size=1, sha256=sha256_file(outside))]}
+    )
+    with pytest.raises(WitnessError, match="outside the job directory"):
+        verify_witness(path, escaped, run=1, step="step2")
+    link = job_dir / "out" / "link.h5"
+    link.symlink_to(outside)  # a link inside that points out is outside too
+    linked = witness.model_copy(
+        update={"outputs": [Output(path=str(link), size=1, sha256=sha256_file(outside))]}
+    )
+    with pytest.raises(WitnessError, match="outside the job directory"):
+        verify_witness(path, linked, run=1, step="step2")
     path.write_text("{broken")
     with pytest.raises(WitnessError, match="not a valid witness"):
         read_witness(path)
@@ -153,32 +176,81 @@ def test_witness_round_trip_and_checks(tmp_path: Path) -> None:
         calibration="C",
         run=1,
         step="step2",
-        witnesses=[str(path)],
+        witnesses={str(path): witness},
         failed_batches=[2],
+        bad_inputs={"run1_ls0003.h5": "no events"},
         reason="ended",
     )
     assert read_marker(tmp_path / "run.end") == marker
     assert json.loads((tmp_path / "run.end").read_text())["failed_batches"] == [2]
 
 
+def test_manifest_declares_outputs_and_refuses_anything_else(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "reco.h5").write_bytes(b"data")
+    (out / ".reco.h5.abc.tmp").write_bytes(b"half")  # a killed writer's leftover
+    write_manifest(out, ["reco.h5"], [BadInput(input="x.h5", reason="no events")], "c0ffee")
+    manifest = read_manifest(out)
+    assert [o.name for o in manifest.outputs] == ["reco.h5"]
+    assert manifest.bad_inputs[0].reason == "no events" and manifest.config_sha256 == "c0ffee"
+    (out / "reco.h5").write_bytes(b"DATA")
+    with pytest.raises(ManifestError, match="does not match its checksum"):
+        read_manifest(out)
+    (out / "manifest.json").write_text(
+        json.dumps({"outputs": [{"name": "../escape", "size": 1, "sha256": "0"}]})
+    )
+    with pytest.raises(ManifestError, match="not a file name"):
+        read_manifest(out)
+    (out / "manifest.json").unlink()
+    with pytest.raises(ManifestError, match="missing"):
+        read_manifest(out)
+
+
 def test_journal_batches_are_idempotent(tmp_path: Path) -> None:
     journal = Journal(tmp_path / "j.sqlite")
     assert journal.ensure_run(7, "NotRunning", 0.0)
     assert not journal.ensure_run(7, "NotRunning", 0.0)
-    assert journal.add_inputs(7, ["b", "a", "c"], 1.0) == 3
-    assert journal.add_inputs(7, ["a", "d"], 2.0) == 1
+    assert journal.add_inputs(7, [NewInput("b"), NewInput("a"), NewInput("c")], 1.0) == 3
+    assert journal.add_inputs(7, [NewInput("a"), NewInput("d"), NewInput("x", bad="no")], 2) == 2
+    assert journal.bad_inputs(7) == {"x": "no"}  # seen, never batched
     groups = plan_batches([n for n, _ in journal.pending_inputs(7)], 2, 2, final=False)
     assert journal.create_batches(7, groups, final=False, now=3.0) == [1, 2]
     assert journal.create_batches(7, groups, final=False, now=3.0) == []  # replay after crash
     assert journal.inputs_of(7, 2) == ["c", "d"] and journal.pending_inputs(7) == []
-    journal.add_job(7, 1, tmp_path / "b1", ["true"])
-    journal.add_job(7, 1, tmp_path / "b1", ["true"])
+    journal.add_job(7, 1, tmp_path / "b1", ["true"], "c1")
+    journal.add_job(7, 1, tmp_path / "b1", ["true"], "c2")
     assert journal.batches_without_job(7) == [2]
-    journal.update_job(7, 1, state="succeeded")
+    journal.update_job(7, 1, state=JobPhase.SUCCEEDED)
     assert journal.job_counts(7) == {"succeeded": 1}
+    job = journal.job(7, 1)
+    assert job is not None and job.state is JobPhase.SUCCEEDED and job.config_sha256 == "c1"
+    journal.update_info(7, last_ls=4, missing_ls=[3])
+    assert journal.info(7).last_ls == 4 and journal.info(7).missing_ls == [3]
+    with pytest.raises(TypeError, match="no field"):
+        journal.update_info(7, lastls=4)  # a typo is an error, not a second spelling
     journal.set_state(7, "Done", active=False)
     assert journal.active_runs() == [] and journal.all_runs() == [(7, "Done")]
     journal.close()
     reopened = Journal(tmp_path / "j.sqlite")
     assert reopened.run_state(7) == "Done"
     reopened.close()
+
+
+def test_journal_of_an_older_release_gets_the_new_columns(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript(
+        "CREATE TABLE inputs (run INTEGER NOT NULL, name TEXT NOT NULL, seen REAL NOT NULL,"
+        " batch INTEGER, PRIMARY KEY (run, name));"
+        "INSERT INTO inputs VALUES (1, 'run1_ls0001.h5', 0, NULL);"
+    )
+    db.close()
+    journal = Journal(path)
+    assert journal.pending_inputs(1) == [("run1_ls0001.h5", 0.0)]
+    assert journal.input_meta(1, "run1_ls0001.h5") == {}
+    journal.mark_bad(1, "run1_ls0001.h5", "no events")
+    assert journal.bad_inputs(1) == {"run1_ls0001.h5": "no events"}
+    journal.close()

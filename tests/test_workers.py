@@ -6,12 +6,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 
+from loop.errors import ConfigError
+from loop.jobconfig import freeze, load_frozen
+from loop.manifest import read_manifest
 from loop.rawformat import raw_path, write_raw_ls
 from loop.sim.detector import generate_ls, make_truth
 from loop.sim.scenario import DetectorSpec
+from tests.badfiles import DAMAGE
 from tests.helpers import calibration, reference_payload, workspace
 from workers import alca, harvest, reco
 from workers.algorithms import ChannelStatus
@@ -22,7 +27,7 @@ RUN = 500
 @pytest.fixture
 def raw(tmp_path: Path) -> tuple[Path, object]:
     loop_config = workspace(tmp_path)
-    spec = DetectorSpec(channels=128, events_per_ls=120, dead=2, noisy=2, hot=2)
+    spec = DetectorSpec(channels=256, events_per_ls=120, dead=2, noisy=2, hot=2)
     for stream in ("ecal", "sistrip"):
         truth = make_truth(spec, seed=9)
         for ls in range(1, 8):
@@ -70,15 +75,56 @@ def test_harvest_equals_one_shot(
         assert (array == ChannelStatus.HOT).sum() == 2
 
 
-def test_reco_rejects_corrupt_input(raw: tuple[Path, object], tmp_path: Path) -> None:
+def test_reco_rejects_each_bad_file_alone(raw: tuple[Path, object], tmp_path: Path) -> None:
+    """Every kind of damaged raw file is rejected on its own with its reason in the
+    manifest; the good files of the batch are processed."""
     raw_root, (loop_config, _truth) = raw  # type: ignore[misc]
-    bad = raw_root / "ecal" / f"run{RUN}" / f"run{RUN}_ls0099.h5"
-    bad.write_bytes(b"not hdf5")
-    cal_file = loop_config.calibrations_dir / "EcalPedestals.yaml"
+    cal = calibration(loop_config, "EcalPedestals")
+    config_path, config_sha256 = freeze(cal, tmp_path / "job")
+    inputs = [raw_path(raw_root, "ecal", RUN, ls) for ls in range(1, 8)]
+    damaged = dict(zip(DAMAGE, inputs[1:], strict=False))  # LS 1 and 7 stay good
+    for kind, path in damaged.items():
+        DAMAGE[kind][0](path)
+    out = tmp_path / "out"
     code = reco.main(
-        ["--calibration", str(cal_file), "--output-dir", str(tmp_path / "o"), str(bad)]
+        ["--calibration", str(config_path), "--output-dir", str(out), *map(str, inputs)]
     )
-    assert code == 2
+    assert code == 0
+    manifest = read_manifest(out)
+    assert manifest.config_sha256 == config_sha256
+    assert [o.name for o in manifest.outputs] == [reco.OUTPUT]
+    reasons = {b.input: b.reason for b in manifest.bad_inputs}
+    assert set(reasons) == {str(p) for p in damaged.values()}
+    for kind, path in damaged.items():
+        assert DAMAGE[kind][1] in reasons[str(path)], (kind, reasons[str(path)])
+    with h5py.File(out / reco.OUTPUT) as h5:
+        assert list(h5.attrs["lumisections"]) == [1, 7]
+        assert np.isfinite(h5["frames"][()]).all()
+
+
+def test_worker_reads_only_its_frozen_configuration(
+    raw: tuple[Path, object], tmp_path: Path
+) -> None:
+    """A frozen configuration that changed after the job was created is refused."""
+    raw_root, (loop_config, _truth) = raw  # type: ignore[misc]
+    cal = calibration(loop_config, "EcalPedestals")
+    config_path, config_sha256 = freeze(cal, tmp_path / "job")
+    assert load_frozen(config_path, config_sha256) == cal
+    config_path.write_text(config_path.read_text().replace('"ecal"', '"other"'))
+    with pytest.raises(ConfigError, match="differs from the job's"):
+        load_frozen(config_path, config_sha256)
+    (loop_config.calibrations_dir / "EcalPedestals.yaml").write_text("broken: [")
+    config_path, _ = freeze(cal, tmp_path / "job2")  # the live YAML is never read
+    code = reco.main(
+        [
+            "--calibration",
+            str(config_path),
+            "--output-dir",
+            str(tmp_path / "o"),
+            str(raw_path(raw_root, "ecal", RUN, 1)),
+        ]
+    )
+    assert code == 0
 
 
 def test_common_mode_subtraction() -> None:

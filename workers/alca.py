@@ -12,7 +12,7 @@ import numpy as np
 from loop.config import CalibrationConfig
 from loop.rawformat import TRIGGER_CODES
 from workers.accumulators import Accumulators, ChannelStats, merge_all, save_accumulators
-from workers.common import worker_main
+from workers.common import WorkerResult, worker_main
 
 OUTPUT = "alca.h5"
 TRIGGER_NAMES = {code: name for name, code in TRIGGER_CODES.items()}
@@ -36,20 +36,27 @@ def reduce_events(
 
 def run(
     config: CalibrationConfig, inputs: list[Path], output_dir: Path, _args: argparse.Namespace
-) -> None:
-    """Reduce every reco file and merge."""
+) -> WorkerResult:
+    """Reduce every reco file and merge; an unreadable or non-finite one is rejected."""
+    result = WorkerResult([OUTPUT])
     parts, run_number = [], 0
     for path in inputs:
         try:
             with h5py.File(path, "r") as h5:
                 frames, trigger = h5["frames"][()], h5["trigger"][()]
-                run_number = int(h5.attrs["run"])
-        except (OSError, KeyError) as exc:
-            raise ValueError(f"reco file {path} is unreadable ({exc})") from exc
+                number = int(h5.attrs["run"])
+        except (OSError, KeyError, ValueError, TypeError) as exc:
+            result.reject(path, f"unreadable reco file ({exc})", "alca")
+            continue
+        if frames.dtype.kind == "f" and not np.isfinite(frames).all():
+            result.reject(path, "non-finite values (NaN/inf) in the reco frames", "alca")
+            continue
+        run_number = number
         parts.append(reduce_events(frames, trigger, config))
     save_accumulators(
         output_dir / OUTPUT, merge_all(parts), {"run": run_number, "calibration": config.name}
     )
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -75,10 +75,17 @@ def _summary(status: np.ndarray, events: int) -> dict[str, Any]:
 
 
 def compute_payload(accumulators: Accumulators, config: CalibrationConfig) -> Payload:
-    """The payload of ``config.payload.calibration_type`` from merged accumulators."""
+    """The payload of ``config.payload.calibration_type`` from merged accumulators.
+
+    Channels whose statistics are not finite are listed in ``nonfinite_channels``
+    whatever the payload kind (a status payload would otherwise call them dead), and
+    :func:`validate` refuses such a payload.
+    """
     status = classify_channels(accumulators, config.algorithm)
     pedestal = _stats(accumulators, "pedestal")
     summary = _summary(status, pedestal.count)
+    nonfinite = ~(np.isfinite(pedestal.mean) & np.isfinite(pedestal.noise))
+    summary["nonfinite_channels"] = [int(i) for i in np.flatnonzero(nonfinite)]
     if config.payload.calibration_type == "pedestals":
         array = np.stack([pedestal.mean, pedestal.noise])
         finite = np.isfinite(array[0])
@@ -106,12 +113,20 @@ def validate(
             f"bad-channel fraction {fraction:.3f} exceeds "
             f"validation.max_bad_fraction = {config.max_bad_fraction}"
         )
-    if (
-        not config.allow_nonfinite
-        and payload.array.dtype.kind == "f"
-        and not np.isfinite(payload.array).all()
-    ):
-        problems.append("payload has NaN/inf values (validation.allow_nonfinite is false)")
+    if not config.allow_nonfinite:
+        nonfinite = payload.summary.get("nonfinite_channels") or []
+        if payload.array.dtype.kind == "f" and not np.isfinite(payload.array).all():
+            problems.append("payload has NaN/inf values (validation.allow_nonfinite is false)")
+        elif nonfinite:
+            problems.append(
+                f"derived from non-finite statistics in {len(nonfinite)} channels, "
+                f"e.g. {nonfinite[:10]} (validation.allow_nonfinite is false)"
+            )
+    if calibration_type == "bad_channels":
+        codes = np.array([int(s) for s in ChannelStatus])
+        unknown = ~np.isin(payload.array, codes)
+        if unknown.any():
+            problems.append(f"{int(unknown.sum())} channels have an unknown status code")
     if (
         config.max_mean_shift is not None
         and previous is not None

@@ -17,14 +17,14 @@ from loop.config import CalibrationConfig
 from loop.fsutil import atomic_path, atomic_write_json
 from workers.accumulators import load_accumulators, merge_all, save_accumulators
 from workers.algorithms import compute_payload
-from workers.common import worker_main
+from workers.common import WorkerResult, worker_main
 
 STATE, PAYLOAD, SUMMARY = "state.h5", "payload.npy", "summary.json"
 
 
 def run(
     config: CalibrationConfig, inputs: list[Path], output_dir: Path, args: argparse.Namespace
-) -> None:
+) -> WorkerResult:
     """Merge, compute, write."""
     parts = [load_accumulators(args.previous_state)] if args.previous_state else []
     parts += [load_accumulators(path) for path in inputs]
@@ -34,6 +34,7 @@ def run(
     with atomic_path(output_dir / PAYLOAD, ".npy") as tmp, open(tmp, "wb") as fh:
         np.save(fh, payload.array, allow_pickle=False)
     atomic_write_json(output_dir / SUMMARY, payload.summary)
+    return WorkerResult([STATE, PAYLOAD, SUMMARY])
 
 
 def _extra(parser: argparse.ArgumentParser) -> None:

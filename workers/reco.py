@@ -1,9 +1,12 @@
 """Step-2 worker: raw LS files -> one reco file of the selected events.
 
-Keeps the events of the calibration's trigger types and, when configured, subtracts
-the per-event common mode (median of each group of ``common_mode_group`` channels).
-Output: ``reco.h5`` with ``frames`` [events x channels], ``trigger`` [events] and the
-run and LS numbers it covers.
+Each raw file is checked first (:func:`loop.rawformat.check_raw_ls`: readable, expected
+datasets, dtype, the detector's channel count, finite values, events > 0); a bad file
+is rejected on its own, named with the reason in the manifest, and the rest of the
+batch is processed. Keeps the events of the calibration's trigger types and, when
+configured, subtracts the per-event common mode (median of each group of
+``common_mode_group`` channels). Output: ``reco.h5`` with ``frames`` [events x
+channels], ``trigger`` [events] and the run and LS numbers it covers (good LS only).
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ import numpy as np
 
 from loop.config import CalibrationConfig
 from loop.fsutil import atomic_path
-from loop.rawformat import TRIGGER_CODES, read_raw_ls
-from workers.common import worker_main
+from loop.rawformat import TRIGGER_CODES, RawFileError, check_raw_ls, read_raw_ls
+from workers.common import WorkerResult, worker_main
 
 OUTPUT = "reco.h5"
 
@@ -46,13 +49,23 @@ def select_events(
 
 def run(
     config: CalibrationConfig, inputs: list[Path], output_dir: Path, _args: argparse.Namespace
-) -> None:
-    """Read, select, write."""
-    frames, triggers, lumis, run_number = [], [], [], None
+) -> WorkerResult:
+    """Check, read, select, write."""
+    result = WorkerResult([OUTPUT])
+    channels = config.raw_input.channels
+    frames: list[np.ndarray] = []
+    triggers: list[np.ndarray] = []
+    lumis: list[int] = []
+    run_number = None
     for path in sorted(inputs):
-        content = read_raw_ls(path)
-        if run_number is not None and content.run != run_number:
-            raise ValueError(f"{path} belongs to run {content.run}, not {run_number}")
+        try:
+            content = read_raw_ls(path)
+            check_raw_ls(path, content, channels)
+            if run_number is not None and content.run != run_number:
+                raise RawFileError(path, f"belongs to run {content.run}, not {run_number}")
+        except RawFileError as exc:
+            result.reject(path, exc.reason, "reco")
+            continue
         run_number = content.run
         selected, trigger = select_events(content.frames, content.trigger, config)
         frames.append(selected)
@@ -61,13 +74,17 @@ def run(
     with atomic_path(output_dir / OUTPUT, ".h5") as tmp, h5py.File(tmp, "w") as h5:
         h5.create_dataset(
             "frames",
-            data=np.concatenate(frames),
+            # every LS rejected: an empty output, so downstream sees a run with no events
+            data=np.concatenate(frames) if frames else np.empty((0, channels), np.uint16),
             compression="gzip",
             compression_opts=1,
             shuffle=True,
         )
-        h5.create_dataset("trigger", data=np.concatenate(triggers))
+        h5.create_dataset(
+            "trigger", data=np.concatenate(triggers) if triggers else np.empty(0, np.uint8)
+        )
         h5.attrs.update(run=run_number or 0, lumisections=lumis, calibration=config.name)
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,9 +48,10 @@ def run_daemon(args: argparse.Namespace) -> int:
     """Run one daemon in the foreground (tmux or systemd)."""
     from loop.daemon import Daemon
 
-    loop_config = loop_config_from(args)
+    path = args.config or default_config_dir() / "loop.yaml"
+    loop_config = load_loop_config(path)
     setup_logging(loop_config.log_dir, args.calibration, args.step, console=not args.quiet)
-    return Daemon(args.step, loop_config, args.calibration).run_forever()
+    return Daemon(args.step, loop_config, args.calibration, loop_config_path=path).run_forever()
 
 
 def _alive(pid: int) -> bool:
@@ -91,6 +92,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             runs = ", ".join(f"{k}:{v}" for k, v in r.get("runs_in_flight", {}).items()) or "-"
             upload = r.get("last_upload")
             extra = f" | last upload run {upload['run']} {upload['status']}" if upload else ""
+            attention = r.get("runs_needing_attention") or {}
+            if attention:
+                extra += " | NEEDS ATTENTION " + ", ".join(f"{k}:{v}" for k, v in attention.items())
             state = r["state"] if r["alive"] or r["state"] != "running" else "DEAD"
             lines.append(
                 f"{r['calibration']:<16} {r['step']:<6} {r['pid']:>7} {state:<8} "

@@ -14,6 +14,12 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Protocol
 
+from loop.errors import JobError
+
+
+class BackendUnavailable(JobError):
+    """The batch system cannot be reached now: wait and retry, do not fail jobs."""
+
 
 class JobState(Enum):
     """What a backend knows of a job."""
@@ -41,7 +47,6 @@ class JobSpec:
     job_dir: Path
     attempt: int
     timeout_s: float
-    env: dict[str, str] = field(default_factory=dict)
     resources: dict[str, Any] = field(default_factory=dict)
 
     def wrapped(self, python: str = sys.executable) -> list[str]:

@@ -65,7 +65,6 @@ class LocalBackend:
                     stderr=err,
                     stdin=subprocess.DEVNULL,
                     start_new_session=True,
-                    env={**os.environ, **spec.env},
                 )
         except OSError as exc:
             raise JobError(f"job {spec.key}: cannot start {spec.argv[0]!r}: {exc}") from exc

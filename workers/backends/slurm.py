@@ -6,8 +6,8 @@ Each attempt gets a batch script in its job directory (``submit.<attempt>.sh``, 
 wrapper's argv quoted with :func:`shlex.quote`, so config data never reaches a shell
 unquoted) and its stdout/stderr there too. A job that left the queue without any record
 is resolved from the wrapper's exit-status file after a grace period. An unreachable
-controller raises :class:`~loop.jobs.BackendUnavailable`: the daemon waits and retries,
-jobs keep their state.
+controller raises :class:`~workers.backends.base.BackendUnavailable`: the daemon waits
+and retries, jobs keep their state.
 """
 
 from __future__ import annotations
@@ -22,8 +22,13 @@ from pathlib import Path
 
 from loop.config import SlurmConfig
 from loop.errors import JobError
-from loop.jobs import BackendUnavailable
-from workers.backends.base import JobSpec, JobState, JobStatus, read_exit_status
+from workers.backends.base import (
+    BackendUnavailable,
+    JobSpec,
+    JobState,
+    JobStatus,
+    read_exit_status,
+)
 
 STATES = {
     "PENDING": JobState.PENDING,

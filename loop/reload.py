@@ -1,0 +1,63 @@
+"""Which configuration keys may change while a daemon runs (SIGHUP).
+
+A reload is all or nothing: if any changed key is not live, the whole reload is refused
+with one ERROR naming the keys, and the running configuration stays; a restart applies
+them. Live keys take effect at once for new decisions, batches and jobs; a job that
+exists keeps its frozen copy (:mod:`loop.jobconfig`).
+
+Keys are listed as live (an allow-list), so a key added later is restart-only until
+someone decides otherwise here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+
+LIVE_CALIBRATION_KEYS = (
+    "label",
+    "description",
+    "expert",
+    "run_selection",
+    "step2",
+    "step3",
+    "step4",
+    "algorithm",
+    "validation",
+)
+"""Calibration keys read afresh for every decision or new job. Restart-only: ``name``,
+``detector``, ``raw_input`` (watched directory), ``payload`` (a run's harvests go to one
+tag and store type), ``backend`` and ``depends_on``."""
+
+LIVE_LOOP_KEYS = (
+    "lookback_hours",
+    "poll.registry_s",
+    "poll.tick_s",
+    "poll.heartbeat_s",
+    "timeouts.job_s",
+    "jobs.max_attempts",
+    "jobs.retry_backoff_s",
+)
+"""loop.yaml keys read afresh each cycle or for each new job. Everything else (paths,
+URLs, the observer, backend settings, service timeouts) is built into long-lived
+objects at start-up and needs a restart."""
+
+
+def changed_keys(old: BaseModel, new: BaseModel) -> list[str]:
+    """Dotted keys whose values differ between two configurations (pure)."""
+    return _diff(old.model_dump(mode="json"), new.model_dump(mode="json"), "")
+
+
+def _diff(old: Any, new: Any, prefix: str) -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys: list[str] = []
+        for key in sorted(set(old) | set(new)):
+            keys += _diff(old.get(key), new.get(key), f"{prefix}{key}.")
+        return keys
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+def restart_keys(changed: list[str], live: tuple[str, ...]) -> list[str]:
+    """The changed keys that are not live (pure)."""
+    return [k for k in changed if not any(k == p or k.startswith(p + ".") for p in live)]
