@@ -21,6 +21,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from loop.callpolicy import CallPolicy, MiB
 from loop.errors import ConfigError
 
 Loc = tuple[str | int, ...]
@@ -54,13 +55,41 @@ class PollConfig(StrictModel):
 class TimeoutConfig(StrictModel):
     """Time limits for everything that talks to another process or service."""
 
-    registry_s: float = Field(10.0, gt=0)
+    registry_s: float = Field(10.0, gt=0, description="per attempt, the whole reply included")
     registry_attempts: int = Field(3, ge=1)
-    registry_backoff_s: float = Field(0.5, ge=0)
-    conddb_s: float = Field(10.0, gt=0)
+    registry_backoff_s: float = Field(0.5, ge=0, description="first backoff (jittered)")
+    registry_deadline_s: float = Field(30.0, gt=0, description="all attempts of one call")
+    conddb_s: float = Field(10.0, gt=0, description="per attempt, the whole reply included")
     conddb_attempts: int = Field(3, ge=1)
+    conddb_deadline_s: float = Field(60.0, gt=0, description="all attempts of one call")
+    max_reply_mb: float = Field(64.0, gt=0, description="largest service reply read")
     store_lock_s: float = Field(30.0, gt=0)
     job_s: float = Field(3600.0, gt=0)
+    job_grace_s: float | None = Field(
+        None,
+        ge=0,
+        description="seconds past job_s before the daemon kills an attempt itself; "
+        "default max(10 s, 10 % of job_s)",
+    )
+
+    def registry_policy(self) -> CallPolicy:
+        """The call policy of every registry request."""
+        return CallPolicy(
+            attempts=self.registry_attempts,
+            timeout_s=self.registry_s,
+            deadline_s=self.registry_deadline_s,
+            backoff_s=self.registry_backoff_s,
+            max_bytes=int(self.max_reply_mb * MiB),
+        )
+
+    def conddb_policy(self) -> CallPolicy:
+        """The call policy of every conditions-DB request."""
+        return CallPolicy(
+            attempts=self.conddb_attempts,
+            timeout_s=self.conddb_s,
+            deadline_s=self.conddb_deadline_s,
+            max_bytes=int(self.max_reply_mb * MiB),
+        )
 
 
 class LocalBackendConfig(StrictModel):
@@ -105,6 +134,9 @@ class LoopConfig(StrictModel):
     conddb_token_file: Path | None = None
     calibrations_dir: Path = Path("calibrations")
     lookback_hours: float = Field(8.0, gt=0)
+    registry_max_ls: int = Field(
+        10_000, ge=1, le=2**31 - 1, description="largest LS number a registry record may carry"
+    )
     poll: PollConfig = PollConfig()
     timeouts: TimeoutConfig = TimeoutConfig()
     jobs: JobsConfig = JobsConfig()

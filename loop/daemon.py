@@ -7,15 +7,33 @@ Signal handlers only set flags: SIGTERM/SIGINT stop after the current cycle, SIG
 reloads the calibration YAML and loop.yaml. A reload is all or nothing: an invalid file,
 or a changed key that cannot take effect without a restart (:mod:`loop.reload`), is one
 ERROR naming the file or the keys, and the running configuration stays.
+
+**The machine fails, the daemon stays.** A write the machine refuses in a cycle (a full
+disk or quota, an I/O error, a read-only or forbidden path: the heartbeat, the journal,
+job directories, witnesses) is one CRITICAL line naming the path, the error and the free
+space there; the daemon then waits in a *degraded* state: it retries the whole cycle
+after 2 s, then twice as late each time up to 30 s (:class:`DegradedPace`), repeats the
+CRITICAL line at most every 5 minutes, publishes ``state: degraded`` with the reason
+whenever the status file can be written, and on the first cycle that succeeds logs
+"writes succeed again" and carries on. A failed journal write rolls its own transaction
+back and every change is one transaction, so the journal stays consistent and the retry
+goes on from it. Each retry first rescans the inputs: files the watcher delivered to a
+failed cycle were not recorded.
+
+Durations use the monotonic clock (``monotonic=``); a wall clock that moves unlike it
+between two cycles (an NTP step, a manual change) is one WARNING with the jump.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
+import sqlite3
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -28,8 +46,8 @@ from loop.config import (
     load_calibration,
     load_loop_config,
 )
-from loop.errors import ConfigError, DaemonError
-from loop.fsutil import atomic_write_json
+from loop.errors import CalloopError, ConfigError, DaemonError
+from loop.fsutil import atomic_write_json, error_path, free_space, storage_error_in
 from loop.locks import FileLock, LockTimeout
 from loop.logs import get_logger
 from loop.registry import RegistryClient
@@ -39,6 +57,62 @@ from states import STEPS
 from states.step import Step, StepContext
 from workers.backends import make_backend
 
+CYCLE_FAILED = "cycle failed; continuing with the next one"
+CLOCK_JUMP_S = 60.0  # NTP slews by far less; more is a step worth telling the operator
+
+
+@dataclass(frozen=True)
+class DegradedPace:
+    """How a daemon that cannot write waits: the cycle is retried ``first_s`` after the
+    failure, then twice as late each time up to ``max_s``; the CRITICAL line is repeated
+    at most every ``remind_s``."""
+
+    first_s: float = 2.0
+    max_s: float = 30.0
+    remind_s: float = 300.0
+
+
+@dataclass(frozen=True)
+class WriteFailure:
+    """A write the machine refused: the path (when known), the error, the room left."""
+
+    path: Path | None
+    error: str
+    free: str
+
+    @classmethod
+    def of(cls, exc: BaseException, journal: Path | None, where: Path) -> WriteFailure | None:
+        """The refused write in ``exc`` (None when ``exc`` is no storage error). SQLite
+        names no file: a bare SQLite error comes from the daemon's ``journal``; when the
+        path is unknown, the free space is that of ``where``."""
+        cause = storage_error_in(exc)
+        if cause is None:
+            return None
+        path = error_path(cause)
+        if path is None and cause is exc and isinstance(cause, sqlite3.Error):
+            path = journal
+        return cls(path, f"{type(cause).__name__}: {cause}", free_space(path or where))
+
+    def fields(self) -> dict[str, str]:
+        """The log fields: path, error, free."""
+        return {"path": str(self.path or "unknown"), "error": self.error, "free": self.free}
+
+    def reason(self) -> str:
+        """One line for the status file and ``calloop status``."""
+        return f"cannot write {self.path or 'to disk'}: {self.error} ({self.free})"
+
+
+@dataclass
+class Degraded:
+    """The degraded wait: the last refused write, since when, and the next retry."""
+
+    failure: WriteFailure
+    since: float  # wall clock, for the status
+    started: float  # monotonic, like every other time below
+    delay: float
+    retry_at: float
+    remind_at: float
+
 
 def status_path(loop_config: LoopConfig, calibration: str, step: str) -> Path:
     """Where a daemon publishes its heartbeat and status."""
@@ -46,7 +120,11 @@ def status_path(loop_config: LoopConfig, calibration: str, step: str) -> Path:
 
 
 def build_step(
-    step: str, loop_config: LoopConfig, calibration: CalibrationConfig, clock: Callable[[], float]
+    step: str,
+    loop_config: LoopConfig,
+    calibration: CalibrationConfig,
+    clock: Callable[[], float],
+    monotonic: Callable[[], float] = time.monotonic,
 ) -> Step:
     """The step logic with the services it needs (registry, store, conditions DB)."""
     from states.step2 import Step2
@@ -54,14 +132,14 @@ def build_step(
     from states.step4 import Step4
 
     log = get_logger(f"calloop.{step}").bind(calibration=calibration.name, step=step)
-    ctx = StepContext(loop_config, calibration, make_backend(loop_config, calibration), log, clock)
+    backend = make_backend(loop_config, calibration)
+    ctx = StepContext(loop_config, calibration, backend, log, clock, monotonic)
     timeouts = loop_config.timeouts
     if step == "step2":
         registry = RegistryClient(
             loop_config.registry_url,
-            timeout_s=timeouts.registry_s,
-            attempts=timeouts.registry_attempts,
-            backoff_s=timeouts.registry_backoff_s,
+            policy=timeouts.registry_policy(),
+            max_ls=loop_config.registry_max_ls,
         )
         return Step2(ctx, registry)
     if step == "step3":
@@ -74,8 +152,7 @@ def build_step(
         return ConditionsDB.connect(
             loop_config.conddb_url,
             loop_config.conddb_token(),
-            timeout_s=timeouts.conddb_s,
-            attempts=timeouts.conddb_attempts,
+            policy=timeouts.conddb_policy(),
         )
 
     return Step4(ctx, store, connect)
@@ -91,7 +168,9 @@ class Daemon:
         calibration: str,
         *,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
         loop_config_path: Path | None = None,
+        pace: DegradedPace = DegradedPace(),
     ) -> None:
         self.step_name = step
         self.loop_config = loop_config
@@ -99,56 +178,106 @@ class Daemon:
         self.cal_path = calibration_path(loop_config, calibration)
         self.calibration = load_calibration(self.cal_path)
         self.clock = clock
+        self.monotonic = monotonic
+        self.pace = pace
         self.log = get_logger(f"calloop.{step}").bind(calibration=calibration, step=step)
-        self._lock = FileLock(
-            loop_config.work_dir / calibration / f"{step}.lock", what=f"{step} of {calibration}"
-        )
+        self.work_dir = loop_config.work_dir / calibration
+        self._lock = FileLock(self.work_dir / f"{step}.lock", what=f"{step} of {calibration}")
         self.step: Step | None = None
         self.stop_requested = False
         self.reload_requested = False
+        self.degraded: Degraded | None = None
         self._next_heartbeat = 0.0
+        self._last_clocks: tuple[float, float] | None = None  # (wall, monotonic) of last cycle
         self.started = clock()
 
     # ------------------------------------------------------------------ lifecycle
 
     def initialize(self) -> None:
-        """Lock, restore, adopt, watch, catch up."""
+        """Lock, restore, adopt, watch, catch up. A refused write before the journal is
+        open and restored stops the start (DaemonError); later ones, in the catch-up
+        scan, begin the degraded wait, whose first retry scans again."""
         try:
-            self._lock.acquire(0)
+            self._open()
         except LockTimeout as exc:
             raise DaemonError(
                 f"another {self.step_name} daemon runs for {self.calibration.name}: {exc}"
             ) from None
-        self.step = build_step(self.step_name, self.loop_config, self.calibration, self.clock)
-        self.step.restore()
+        except Exception as exc:
+            failure = WriteFailure.of(exc, None, self.work_dir)
+            if failure is None:
+                raise
+            raise DaemonError(
+                f"{self.step_name} of {self.calibration.name} cannot start: "
+                f"{failure.reason()}; free space or repair the filesystem, then start it again"
+            ) from None
+        assert self.step is not None
         self.step.watcher.start()
-        self.step.startup_scan()
         self.log.info(
             "daemon started",
             pid=os.getpid(),
             backend=self.step.jobs.backend.name,
             runs_restored=len(self.step.models),
         )
-        self._heartbeat(self.clock(), "running")
+        now = self.clock()
+        try:
+            self.step.startup_scan()
+            self._heartbeat(now)
+        except Exception as exc:
+            if not self._write_failed(exc, now):
+                raise
+
+    def _open(self) -> None:
+        self._lock.acquire(0)
+        self.step = build_step(
+            self.step_name, self.loop_config, self.calibration, self.clock, self.monotonic
+        )
+        self.step.restore()
 
     def loop(self, now: float) -> None:
-        """One cycle; an unexpected error is logged and the daemon carries on."""
+        """One cycle. An unexpected error is logged and the daemon carries on; a refused
+        write begins (or prolongs) the degraded wait, during which the cycle only runs
+        when its retry is due."""
         assert self.step is not None, "initialize() first"
+        self._watch_clock(now)
         if self.reload_requested:
             self.reload_requested = False
             self.reload()
+        if self.degraded is not None and self.monotonic() < self.degraded.retry_at:
+            return
+        try:
+            self._cycle(now)
+        except Exception as exc:  # one bad cycle must not kill the daemon
+            if not self._write_failed(exc, now):
+                self.log.exception(CYCLE_FAILED)
+
+    def _cycle(self, now: float) -> None:
+        assert self.step is not None
+        if self.degraded is not None:
+            self._heartbeat(now)  # the smallest write first: can the daemon write at all?
+            self.step.startup_scan()  # files drained by a failed cycle were not recorded
         try:
             self.step.tick(now)
-        except Exception:  # one bad cycle must not kill the daemon
-            self.log.exception("cycle failed; continuing with the next one")
+        except Exception as exc:
+            if storage_error_in(exc) is not None:
+                raise  # the degraded wait, in loop()
+            self.log.exception(CYCLE_FAILED)
+        if self.degraded is not None:
+            self._recovered()
         if now >= self._next_heartbeat:
-            self._heartbeat(now, "running")
+            self._heartbeat(now)
 
     def shutdown(self) -> None:
         """Stop watching, publish the final status, release the lock."""
         if self.step is not None:
             self.step.watcher.stop()
-            self._heartbeat(self.clock(), "stopped")
+            try:
+                self._heartbeat(self.clock(), "stopped")
+            except Exception as exc:  # the daemon stops either way
+                self.log.warning(
+                    "final status not written; the status file keeps the last heartbeat",
+                    error=f"{type(exc).__name__}: {exc}",
+                )
             self.step.close()
         self._lock.release()
         self.log.info("daemon stopped")
@@ -191,22 +320,98 @@ class Daemon:
             "configuration reloaded", changed=changed, config_sha256=calibration.config_hash()
         )
 
-    def _heartbeat(self, now: float, state: str) -> None:
+    def _heartbeat(self, now: float, state: str | None = None) -> None:
+        """Publish the status; ``state`` defaults to running, or degraded with the reason."""
         self._next_heartbeat = now + self.loop_config.poll.heartbeat_s
         status = self.step.status() if self.step is not None else {}
-        atomic_write_json(
-            status_path(self.loop_config, self.calibration.name, self.step_name),
-            {
-                "calibration": self.calibration.name,
-                "step": self.step_name,
-                "pid": os.getpid(),
-                "host": socket.gethostname(),
-                "started": self.started,
-                "heartbeat": now,
-                "state": state,
-                **status,
-            },
+        if self.degraded is not None:
+            status["degraded_reason"] = self.degraded.failure.reason()
+            status["degraded_since"] = self.degraded.since
+        path = status_path(self.loop_config, self.calibration.name, self.step_name)
+        try:
+            atomic_write_json(
+                path,
+                {
+                    "calibration": self.calibration.name,
+                    "step": self.step_name,
+                    "pid": os.getpid(),
+                    "host": socket.gethostname(),
+                    "started": self.started,
+                    "heartbeat": now,
+                    "state": state or ("running" if self.degraded is None else "degraded"),
+                    **status,
+                },
+            )
+        except OSError as exc:
+            if exc.filename is not None:
+                raise
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc  # name the file
+
+    # ------------------------------------------------------------- degraded wait
+
+    def _write_failed(self, exc: Exception, now: float) -> bool:
+        """Begin or prolong the degraded wait if ``exc`` is a refused write; False if not."""
+        journal = self.step.journal.path if self.step is not None else None
+        failure = WriteFailure.of(exc, journal, self.work_dir)
+        if failure is None:
+            return False
+        mono = self.monotonic()
+        degraded = self.degraded
+        if degraded is None:
+            self.degraded = Degraded(
+                failure,
+                since=now,
+                started=mono,
+                delay=self.pace.first_s,
+                retry_at=mono + self.pace.first_s,
+                remind_at=mono + self.pace.remind_s,
+            )
+            self.log.critical(
+                "cannot write to disk; the daemon keeps running and retries the cycle until "
+                "writes succeed: free space, or repair the filesystem or the permissions of "
+                "the path",
+                **failure.fields(),
+            )
+            with contextlib.suppress(Exception):  # the status may be on the failing disk too
+                self._heartbeat(now)
+            return True
+        degraded.failure = failure
+        degraded.delay = min(2 * degraded.delay, self.pace.max_s)
+        degraded.retry_at = mono + degraded.delay
+        if mono >= degraded.remind_at:
+            degraded.remind_at = mono + self.pace.remind_s
+            self.log.critical(
+                "still cannot write to disk; the daemon keeps retrying the cycle",
+                degraded_for_s=round(mono - degraded.started),
+                **failure.fields(),
+            )
+        return True
+
+    def _recovered(self) -> None:
+        assert self.degraded is not None
+        self.log.info(
+            "writes succeed again; the daemon carries on",
+            degraded_for_s=round(self.monotonic() - self.degraded.started, 1),
+            last_error=self.degraded.failure.error,
         )
+        self.degraded = None
+        self._next_heartbeat = 0.0  # publish "running" at once
+
+    def _watch_clock(self, now: float) -> None:
+        """One WARNING when the wall clock moved unlike the monotonic clock since the
+        last cycle (waits are measured on the monotonic one and are not affected)."""
+        mono = self.monotonic()
+        if self._last_clocks is not None:
+            wall_delta, mono_delta = now - self._last_clocks[0], mono - self._last_clocks[1]
+            jump = wall_delta - mono_delta
+            if abs(jump) > CLOCK_JUMP_S:
+                self.log.warning(
+                    f"wall clock jumped by {jump:+.0f} s; waits are measured on the "
+                    "monotonic clock and are not affected",
+                    wall_delta_s=round(wall_delta, 1),
+                    monotonic_delta_s=round(mono_delta, 1),
+                )
+        self._last_clocks = (now, mono)
 
     # -------------------------------------------------------------------- running
 
@@ -225,13 +430,26 @@ class Daemon:
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
         signal.signal(signal.SIGHUP, self.request_reload)
-        self.initialize()
+        try:
+            self.initialize()
+        except CalloopError as exc:
+            self.log.error("daemon cannot start", error=str(exc))  # the log files keep it too
+            raise
         assert self.step is not None
         tick = self.loop_config.poll.tick_s
         try:
             while not self.stop_requested:
                 self.loop(self.clock())
-                self.step.watcher.wake.wait(tick)  # new files wake the loop at once
+                self._pause(tick)
         finally:
             self.shutdown()
         return 0
+
+    def _pause(self, tick: float) -> None:
+        """Wait for the next cycle: new files wake the loop at once, except in the
+        degraded wait, where they wait for the retry (SIGTERM still wakes it)."""
+        assert self.step is not None
+        wake = self.step.watcher.wake
+        if self.degraded is not None:
+            wake.clear()  # else a file event left set would spin the loop until the retry
+        wake.wait(tick)

@@ -4,6 +4,11 @@ A fresh work directory gets a loop.yaml and the shipped calibrations; the simula
 registry, the six daemons (two calibrations x three steps) and the scenario player
 run as their own processes; when every run is processed the daemons are stopped with
 SIGTERM and the results are compared with the simulator's truth.
+
+Step 4 writes to the conditions DB (SQLite) directly, unless the scenario has faults
+aimed at ``conddb``: then the database is served by ``calloop conddb serve`` behind the
+fault proxy (``calloop sim conddb-proxy``), and step 4 uploads through the proxy with a
+token, so that the faults hit real HTTP uploads.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import IO, Any
 import numpy as np
 
 from loop.conddb.client import ConditionsDB
+from loop.conddb.db import ConditionsDatabase
 from loop.config import (
     CalibrationConfig,
     LoopConfig,
@@ -29,6 +35,7 @@ from loop.config import (
     load_loop_config,
 )
 from loop.errors import CalloopError, StoreError
+from loop.fsutil import atomic_write_text
 from loop.journal import Journal
 from loop.sim.detector import load_truth
 from loop.sim.scenario import Scenario, load_scenario
@@ -37,7 +44,7 @@ from workers.algorithms import ChannelStatus
 
 REPO_CONFIG = Path(__file__).resolve().parent.parent / "config"
 FINAL_STEP2 = ("Done", "Skipped")
-FINAL_LATER = ("Done", "Rejected")  # steps 3 and 4 (only step 4 can reject)
+FINAL_LATER = ("Done", "Rejected", "UploadRefused")  # steps 3 and 4 (only step 4 rejects)
 
 
 def write_workspace(
@@ -73,8 +80,11 @@ def write_workspace(
                 "registry_s": 2,
                 "registry_attempts": 2,
                 "registry_backoff_s": 0.2,
-                "conddb_s": 5,
-                "conddb_attempts": 2,
+                # for uploads over HTTP (conditions-DB fault scenarios): short, so that
+                # a hang window outlasts an attempt and the service applies it late
+                "conddb_s": 1,
+                "conddb_attempts": 3,
+                "conddb_deadline_s": 8,
                 "job_s": 300,
             },
             "jobs": {
@@ -168,35 +178,73 @@ def wait_running(group: ProcessGroup, loop_config: LoopConfig, timeout: float = 
             time.sleep(0.05)
 
 
-def start_registry(group: ProcessGroup, root: Path) -> str:
-    """The simulated registry on a free port; returns its URL."""
-    port_file = root / "registry.port"
-    group.start(
-        "registry",
-        "registry",
-        "serve",
-        "--port",
-        "0",
-        "--port-file",
-        str(port_file),
-        "--state",
-        str(root / "registry_state.json"),
-    )
+def start_listener(group: ProcessGroup, name: str, port_file: Path, *args: str) -> str:
+    """Start a server child given ``--port 0 --port-file port_file``; returns its URL
+    once it listens."""
+    group.start(name, *args, "--port", "0", "--port-file", str(port_file))
     deadline = time.monotonic() + 30
     while not port_file.exists():
-        if time.monotonic() > deadline:
-            raise CalloopError("the simulated registry did not start within 30 s")
+        if time.monotonic() > deadline or group.procs[name].poll() is not None:
+            raise CalloopError(f"{name} did not start within 30 s (see {group.log_dir})")
         time.sleep(0.05)
     return f"http://127.0.0.1:{port_file.read_text().strip()}"
 
 
-def set_registry_url(loop_yaml: Path, url: str) -> None:
-    """Point loop.yaml at the registry that is actually running."""
+def start_registry(group: ProcessGroup, root: Path) -> str:
+    """The simulated registry on a free port; returns its URL."""
+    state = str(root / "registry_state.json")
+    return start_listener(
+        group, "registry", root / "registry.port", "registry", "serve", "--state", state
+    )
+
+
+def start_conddb_behind_proxy(group: ProcessGroup, root: Path, database_url: str) -> str:
+    """Serve the database over HTTP behind the fault proxy; returns the proxy's URL.
+
+    The proxy reads its faults from the registry state file the player writes.
+    """
+    service = start_listener(
+        group, "conddb", root / "conddb.port", "conddb", "--db", database_url, "serve"
+    )
+    return start_listener(
+        group,
+        "conddb-proxy",
+        root / "conddb-proxy.port",
+        "sim",
+        "conddb-proxy",
+        "--upstream",
+        service,
+        "--state",
+        str(root / "registry_state.json"),
+    )
+
+
+def write_token_file(root: Path, database_url: str) -> Path:
+    """Create the schema and an upload token for step 4; returns the token file."""
+    database = ConditionsDatabase(database_url)
+    try:
+        database.create_schema()
+        token = database.create_token("calloop-demo", ["*"])
+    finally:
+        database.close()
+    path = root / "conddb.token"
+    atomic_write_text(path, f"{token}\n")
+    path.chmod(0o600)
+    return path
+
+
+def update_loop_yaml(loop_yaml: Path, **values: str) -> None:
+    """Set top-level keys of loop.yaml (URLs of the services actually running)."""
     import yaml
 
     data = yaml.safe_load(loop_yaml.read_text())
-    data["registry_url"] = url
+    data.update(values)
     dump_yaml(loop_yaml, data)
+
+
+def set_registry_url(loop_yaml: Path, url: str) -> None:
+    """Point loop.yaml at the registry that is actually running."""
+    update_loop_yaml(loop_yaml, registry_url=url)
 
 
 def _journal_states(loop_config: LoopConfig, calibration: str, step: str) -> dict[int, str]:
@@ -266,12 +314,16 @@ def _truth_check(
 
 
 def summarize(
-    loop_config: LoopConfig, scenario: Scenario, calibrations: dict[str, CalibrationConfig]
+    loop_config: LoopConfig,
+    scenario: Scenario,
+    calibrations: dict[str, CalibrationConfig],
+    database_url: str,
 ) -> list[RunSummary]:
-    """Per run and calibration: what each step did and how the payload compares."""
+    """Per run and calibration: what each step did and how the payload compares
+    (``database_url``: the conditions DB itself, not a service that has stopped)."""
     rows = []
     store = CalibStore(loop_config.store_root)
-    conditions = ConditionsDB.connect(loop_config.conddb_url, create=True)
+    conditions = ConditionsDB.connect(database_url, create=True)
     for name, cal in calibrations.items():
         journals = {
             s: Journal(loop_config.work_dir / name / f"{s}.journal.sqlite")
@@ -376,9 +428,14 @@ def run_demo(
     started = time.monotonic()
     scenario = load_scenario(scenario_path)
     loop_yaml = write_workspace(root, backend=backend, scenario=scenario)
+    database_url = load_loop_config(loop_yaml).conddb_url
     group = ProcessGroup(root / "processes")
     try:
         set_registry_url(loop_yaml, start_registry(group, root))
+        if scenario.faults_of("conddb"):
+            token_file = write_token_file(root, database_url)
+            proxy = start_conddb_behind_proxy(group, root, database_url)
+            update_loop_yaml(loop_yaml, conddb_url=proxy, conddb_token_file=str(token_file))
         loop_config = load_loop_config(loop_yaml)
         calibrations, problems = load_all_calibrations(loop_config.calibrations_dir)
         if problems:
@@ -404,6 +461,6 @@ def run_demo(
         complete = is_complete(loop_config, scenario, list(calibrations))
     finally:
         codes = group.stop_all()
-    rows = summarize(loop_config, scenario, calibrations)
+    rows = summarize(loop_config, scenario, calibrations, database_url)
     clean = all(code == 0 for name, code in codes.items() if name != "player")
     return rows, complete and clean and all(r.ok for r in rows), time.monotonic() - started

@@ -45,3 +45,7 @@ class JobError(CalloopError):
 
 class DaemonError(CalloopError):
     """A daemon could not start (e.g. another instance holds its lock)."""
+
+
+class JournalError(CalloopError):
+    """A daemon's journal cannot be opened: not SQLite, damaged, or not accessible."""

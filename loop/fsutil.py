@@ -8,15 +8,17 @@ a reader sees either the old file or the complete new one, even across a power c
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import re
+import shutil
+import sqlite3
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
-
-T = TypeVar("T")
+from typing import Any
 
 
 def fsync_dir(path: Path) -> None:
@@ -82,22 +84,64 @@ def is_temporary(path: Path) -> bool:
     return path.name.startswith(".") or path.name.endswith(".tmp")
 
 
-def retry_call(
-    fn: Callable[[], T],
-    attempts: int,
-    backoff_s: float,
-    retry_on: tuple[type[BaseException], ...],
-    sleep: Callable[[float], None],
-) -> T:
-    """Call ``fn`` up to ``attempts`` times, sleeping ``backoff_s * 2**i`` between tries.
+STORAGE_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EACCES, errno.EPERM}
+)
+STORAGE_SQLITE_MESSAGES = ("database or disk is full", "disk I/O error", "readonly database")
 
-    The last exception propagates. Shared by the registry and conditions-DB clients.
-    """
-    for attempt in range(attempts):
+
+def is_storage_error(exc: BaseException) -> bool:
+    """True when ``exc`` says the machine cannot write (full disk, I/O error, read-only
+    or forbidden path), not that the data is bad: such errors must never fail a run,
+    the daemon waits until it can write again."""
+    if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
+        return True
+    if isinstance(exc, sqlite3.OperationalError):
+        return any(text in str(exc) for text in STORAGE_SQLITE_MESSAGES)
+    return False
+
+
+def storage_error_in(exc: BaseException) -> BaseException | None:
+    """The storage error (:func:`is_storage_error`) in ``exc`` or in the exceptions it was
+    raised from: a domain error or SQLAlchemy may wrap the ``OSError`` or SQLite error."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if is_storage_error(current):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+# h5py reports the file only inside its message: "..., filename = '/x/y.h5', ..."
+_H5PY_FILENAME = re.compile(r"filename = '([^']+)'")
+
+
+def error_path(exc: BaseException) -> Path | None:
+    """The file an error names: an ``OSError``'s filename, or the one h5py puts in its
+    message; None when the error does not say."""
+    if isinstance(exc, OSError) and exc.filename:
+        return Path(os.fsdecode(exc.filename))
+    match = _H5PY_FILENAME.search(str(exc))
+    return Path(match.group(1)) if match else None
+
+
+def free_space(path: Path) -> str:
+    """``"<free> free of <total>"`` on the filesystem holding ``path`` (or its nearest
+    existing ancestor: the file itself may be what could not be created)."""
+    for candidate in (path, *path.parents):
         try:
-            return fn()
-        except retry_on:
-            if attempt == attempts - 1:
-                raise
-            sleep(backoff_s * (2**attempt))
-    raise AssertionError("unreachable: attempts must be >= 1")
+            usage = shutil.disk_usage(candidate)
+        except OSError:
+            continue
+        return f"{_bytes(usage.free)} free of {_bytes(usage.total)}"
+    return "unknown"
+
+
+def _bytes(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024:
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} TiB"

@@ -19,6 +19,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from loop.errors import JournalError
+from loop.fsutil import free_space
 from loop.runrecord import RunRecord
 
 SCHEMA = """
@@ -134,17 +136,56 @@ class UploadRow:
     config_sha256: str
 
 
+def _open_failure(path: Path, exc: sqlite3.Error) -> str:
+    """What went wrong opening the journal at ``path``, and what the operator can do."""
+    if not isinstance(exc, sqlite3.OperationalError):  # not a database, or a damaged one
+        return (
+            f"journal {path} is not a valid SQLite database ({exc}): move it aside, with "
+            "its -wal and -shm files, and restart the daemon; it starts with an empty "
+            "journal, finds its runs again (step 2: the runs the registry lists within the "
+            "look-back window, with their raw LS files; steps 3 and 4: every upstream "
+            "witness and marker under the work directory) and processes them again, "
+            "finished runs included"
+        )
+    return (
+        f"journal {path} cannot be opened ({exc}): check that the daemon's user can read "
+        "and write the file and its directory and that the disk is neither full nor "
+        f"failing ({free_space(path)})"
+    )
+
+
 class Journal:
     """The journal of one daemon (one step of one calibration)."""
 
     def __init__(self, path: Path) -> None:
+        """Open (or create) the journal; a file that is not a sound SQLite database, or
+        that cannot be opened, is a :class:`JournalError` naming it and what to do."""
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._db = sqlite3.connect(path, timeout=30, isolation_level=None)
+        db: sqlite3.Connection | None = None
+        try:
+            db = self._db = sqlite3.connect(path, timeout=30, isolation_level=None)
+            self._prepare()
+        except sqlite3.Error as exc:
+            if db is not None:
+                db.close()
+            raise JournalError(_open_failure(path, exc)) from None
+
+    def _prepare(self) -> None:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes
+        self._check_integrity()
         self._migrate()
         self._db.executescript(SCHEMA)
+
+    def _check_integrity(self) -> None:
+        """A damaged journal stops the daemon at start: read on, it would answer with
+        wrong runs and jobs, or fail in the middle of a cycle. ``quick_check`` reads
+        every page once (well under a second for a daemon's journal)."""
+        rows = self._db.execute("PRAGMA quick_check").fetchall()
+        problems = [" ".join(str(row[0]).split()) for row in rows]  # one line each
+        if problems != ["ok"]:
+            raise sqlite3.DatabaseError(f"damaged: {'; '.join(problems[:3])}")
 
     def _migrate(self) -> None:
         for table, column, declaration in ADDED_COLUMNS:
@@ -167,9 +208,17 @@ class Journal:
         try:
             yield self._db
         except BaseException:
-            self._db.execute("ROLLBACK")
+            # SQLite rolls back by itself on some errors (a full disk mid-statement);
+            # a second ROLLBACK would then hide the real error
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
             raise
-        self._db.execute("COMMIT")
+        try:
+            self._db.execute("COMMIT")
+        except sqlite3.Error:
+            if self._db.in_transaction:  # a failed COMMIT leaves the transaction open
+                self._db.execute("ROLLBACK")
+            raise
 
     # --------------------------------------------------------------------------- runs
 
@@ -432,6 +481,20 @@ class Journal:
             query += " AND run=?"
             args.append(run)
         rows = self._db.execute(query + " ORDER BY run, batch", args).fetchall()
+        return [_job(row) for row in rows]
+
+    def due_jobs(self, now: float, limit: int) -> list[JobRow]:
+        """Up to ``limit`` pending or retrying jobs due at ``now``, oldest first across
+        runs: a short run that starts during a long one waits only for the jobs created
+        before its own, not for every job the long run creates meanwhile.
+
+        Oldest is by the table's implicit rowid: creation order, kept by a retry (an
+        UPDATE); jobs are never deleted, so no newer job can take a freed rowid.
+        """
+        rows = self._db.execute(
+            "SELECT * FROM jobs WHERE state IN (?,?) AND next_attempt<=? ORDER BY rowid LIMIT ?",
+            (JobPhase.PENDING, JobPhase.RETRY, now, limit),
+        ).fetchall()
         return [_job(row) for row in rows]
 
     def job(self, run: int, batch: int) -> JobRow | None:

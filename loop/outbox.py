@@ -1,27 +1,49 @@
 """Step 4's durable outbox: every payload upload is queued in the journal first and
-retried until the conditions DB takes it.
+retried until the conditions DB takes it, exactly once and in order.
 
-Per (tag, since) only the newest harvest is uploaded; an older one still pending when a
-newer one is queued or landed is marked ``superseded``, so a smaller, older harvest never
-lands after a newer one. Entries of one tag go in since order, and a tag whose head
-entry waits for a retry holds its later entries back. Uploads are idempotent in the DB,
-so a retry after a crash never duplicates an IOV.
+Exactly once: every entry is sent with an idempotency key (calibration, tag, run,
+harvest) and its run's harvest sequence; the conditions DB answers a repeated key with
+the original result and never applies an older harvest of a since after a newer one,
+so a request that timed out but landed late can neither duplicate nor reorder IOVs.
+
+In order: per (tag, since) only the newest harvest is sent; an older one still pending
+is marked ``superseded``. Entries of one tag go in since order, and a tag whose head
+entry waits for a retry holds its later entries back.
+
+Nothing refused for good by a transient cause: an unreachable service and a rejected
+token keep the entry pending with backoff (a changed token file makes it due at once);
+only a permanent refusal (a synchronization rule, an invalid request, an unreadable
+payload file) settles it as ``refused``. The call itself runs on a background thread
+(:mod:`loop.background`), so a hung service never stalls the daemon's loop.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Hashable
 
 import numpy as np
 import structlog
 
+from loop.background import BackgroundCall
 from loop.conddb.client import Conditions
-from loop.conddb.db import ConditionsUnavailable
+from loop.conddb.db import ConditionsUnavailable, NotAuthorized, UploadResult
 from loop.config import CalibrationConfig
-from loop.errors import ConditionsError
+from loop.errors import ConditionsError, ConfigError
+from loop.fsutil import sha256_file
 from loop.journal import Journal, UploadRow
 
 MAX_BACKOFF_S = 300.0
+AUTH_REMINDER_S = 600.0  # a rejected token is an ERROR again at most this often
+PENDING, DONE, SUPERSEDED, REFUSED = "pending", "done", "superseded", "refused"
+
+
+def upload_key(calibration: str, row: UploadRow) -> str:
+    """The idempotency key of an outbox entry: stable across restarts and retries. The
+    payload's hash is part of it, so a journal started afresh (harvests numbered from 1
+    again) never gets an earlier, different payload's result back for its key."""
+    digest = sha256_file(row.payload)[:16]
+    return f"calloop:{calibration}:{row.tag}:run{row.run}:harvest{row.seq}:{digest}"
 
 
 class Outbox:
@@ -33,20 +55,116 @@ class Outbox:
         connect: Callable[[], Conditions],
         calibration: Callable[[], CalibrationConfig],
         log: structlog.stdlib.BoundLogger,
+        *,
         backoff_s: float = 2.0,
+        credentials: Callable[[], Hashable] = lambda: None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.journal = journal
         self._connect = connect
         self._calibration = calibration
+        self._credentials = credentials  # changes when the token file changes
+        self._monotonic = monotonic
         self.log = log
         self.backoff_s = backoff_s
         self._conditions: Conditions | None = None
         self._tag_ready = False
+        self._call: BackgroundCall[UploadResult] = BackgroundCall(f"upload-{calibration().name}")
+        self._in_flight: UploadRow | None = None
+        self._seen_credentials: Hashable = credentials()
+        self._auth_reported_at: float | None = None
         self.last_upload: dict[str, object] | None = None
+
+    def pending(self, run: int | None = None) -> int:
+        """Entries not yet settled (of one run, or all)."""
+        return len(self.journal.uploads(states=(PENDING,), run=run))
+
+    def final_state(self, run: int, seq: int) -> str | None:
+        """The outbox state of one harvest's entry (None: never queued)."""
+        for row in self.journal.uploads(states=(PENDING, DONE, SUPERSEDED, REFUSED), run=run):
+            if row.seq == seq:
+                return row.state
+        return None
+
+    def flush(self, now: float) -> None:
+        """Settle the finished call, then start the next due upload; never blocks and
+        never raises for conditions-DB trouble."""
+        outcome = self._call.collect()
+        if outcome is not None and self._in_flight is not None:
+            row, self._in_flight = self._in_flight, None
+            if outcome.error is not None:
+                self._failed(row, outcome.error, now)
+            elif outcome.value is not None:
+                self._uploaded(row, outcome.value, now)
+        if self._call.busy:
+            return
+        self._notice_new_credentials(now)
+        due = self._next_due(now)
+        if due is not None:
+            name = self._calibration().name
+            self._in_flight = due
+            self._call.start(lambda: self._send(due, name))
+
+    # ------------------------------------------------------------------- choosing
+
+    def _next_due(self, now: float) -> UploadRow | None:
+        rows = self.journal.uploads(states=(PENDING,))
+        if not rows:
+            return None
+        newest: dict[tuple[str, int], int] = {}
+        for row in self.journal.uploads(states=(PENDING, DONE)):
+            key = (row.tag, row.since)
+            newest[key] = max(newest.get(key, -1), row.seq)
+        held: set[str] = set()
+        for row in rows:
+            if row.tag in held:
+                continue
+            if newest[(row.tag, row.since)] > row.seq:
+                self.journal.update_upload(
+                    row.run, row.seq, state=SUPERSEDED, detail="a newer harvest of the run exists"
+                )
+                continue
+            # a retry time further ahead than any backoff means the wall clock went back
+            if now < row.next_attempt <= now + MAX_BACKOFF_S:
+                held.add(row.tag)
+                continue
+            return row
+        return None
+
+    def _notice_new_credentials(self, now: float) -> None:
+        """A changed token file: reconnect, and retry what waits for authorization now."""
+        current = self._credentials()
+        if current == self._seen_credentials:
+            return
+        self._seen_credentials = current
+        self._drop_connection()
+        for row in self.journal.uploads(states=(PENDING,)):
+            if row.next_attempt > now:
+                self.journal.update_upload(row.run, row.seq, next_attempt=now)
+        self.log.info("conditions DB token changed; retrying pending uploads now")
+
+    # -------------------------------------------------------- the call (background)
+
+    def _send(self, row: UploadRow, calibration: str) -> UploadResult:
+        """Runs on the background thread: the service only, no journal."""
+        array = np.load(row.payload, allow_pickle=False)
+        return self._db().upload(
+            row.tag,
+            row.since,
+            array,
+            input_tag=row.version,
+            user_text=(
+                f"calloop {calibration} run {row.run} harvest {row.seq} "
+                f"config_sha256 {row.config_sha256 or 'unknown'}"
+            ),
+            key=upload_key(calibration, row),
+            sequence=row.seq,
+        )
 
     def _db(self) -> Conditions:
         if self._conditions is None:
             self._conditions = self._connect()
+            self._tag_ready = False
         if not self._tag_ready:
             payload = self._calibration().payload
             self._conditions.create_tag(
@@ -59,79 +177,33 @@ class Outbox:
             self._tag_ready = True
         return self._conditions
 
-    def pending(self, run: int | None = None) -> int:
-        """Entries not yet settled (of one run, or all)."""
-        return len(self.journal.uploads(states=("pending",), run=run))
+    def _drop_connection(self) -> None:
+        """Close the connection (no call is in flight): the next call reconnects and
+        re-reads the token."""
+        if self._conditions is not None:
+            self._conditions.close()
+        self._conditions = None
+        self._tag_ready = False
 
-    def flush(self, now: float) -> None:
-        """Upload what is due, in order; never raises for DB trouble."""
-        rows = self.journal.uploads(states=("pending",))
-        if not rows:
-            return
-        newest: dict[tuple[str, int], int] = {}
-        for row in self.journal.uploads(states=("pending", "done")):
-            key = (row.tag, row.since)
-            newest[key] = max(newest.get(key, -1), row.seq)
-        held: set[str] = set()
-        for row in rows:
-            if row.tag in held:
-                continue
-            if newest[(row.tag, row.since)] > row.seq:
-                self.journal.update_upload(
-                    row.run,
-                    row.seq,
-                    state="superseded",
-                    detail="a newer harvest of the same run exists",
-                )
-                continue
-            if row.next_attempt > now or not self._upload(row, now):
-                held.add(row.tag)
+    # ----------------------------------------------------------------- settling
 
-    def _upload(self, row: UploadRow, now: float) -> bool:
-        try:
-            array = np.load(row.payload, allow_pickle=False)
-            result = self._db().upload(
-                row.tag,
-                row.since,
-                array,
-                input_tag=row.version,
-                user_text=(
-                    f"calloop {self._calibration().name} run {row.run} harvest {row.seq} "
-                    f"config_sha256 {row.config_sha256 or 'unknown'}"
-                ),
-            )
-        except ConditionsUnavailable as exc:
-            delay = min(MAX_BACKOFF_S, self.backoff_s * 2**row.attempts)
+    def _uploaded(self, row: UploadRow, result: UploadResult, now: float) -> None:
+        if self._auth_reported_at is not None:
+            self.log.info("conditions DB accepts the token again")
+            self._auth_reported_at = None
+        if result.status == SUPERSEDED:
             self.journal.update_upload(
                 row.run,
                 row.seq,
-                attempts=row.attempts + 1,
-                next_attempt=now + delay,
-                detail=str(exc),
+                state=SUPERSEDED,
+                detail="the conditions DB holds a newer harvest of this run",
             )
-            self.log.warning(
-                "conditions DB unavailable; upload kept in the outbox",
-                run=row.run,
-                harvest=row.seq,
-                retry_in_s=delay,
-                error=str(exc),
-            )
-            self._conditions = None
-            return False
-        except (ConditionsError, OSError, ValueError) as exc:
-            self.journal.update_upload(row.run, row.seq, state="refused", detail=str(exc))
-            self.log.error(
-                "upload refused; payload stays in the calibration store only",
-                run=row.run,
-                harvest=row.seq,
-                tag=row.tag,
-                error=str(exc),
-            )
-            return True
+            self.log.info("upload superseded by a newer harvest", run=row.run, harvest=row.seq)
+            return
         self.journal.update_upload(
             row.run,
             row.seq,
-            state="done",
+            state=DONE,
             payload_hash=result.payload_hash,
             detail=f"{result.status} {result.note}".strip(),
         )
@@ -153,4 +225,59 @@ class Outbox:
             status=result.status,
             hash=result.payload_hash[:12],
         )
-        return True
+
+    def _failed(self, row: UploadRow, error: Exception, now: float) -> None:
+        if isinstance(error, NotAuthorized | ConfigError):  # refused, or unreadable, token
+            self._retry_later(row, error, now)
+            self._report_auth(row, error)
+        elif isinstance(error, ConditionsUnavailable):
+            self._retry_later(row, error, now)
+            self.log.warning(
+                "conditions DB unavailable; upload kept in the outbox",
+                run=row.run,
+                harvest=row.seq,
+                error=str(error),
+            )
+        elif isinstance(error, (ConditionsError, OSError, ValueError)):
+            self.journal.update_upload(row.run, row.seq, state=REFUSED, detail=str(error))
+            self.log.error(
+                "upload refused for good; the payload stays in the calibration store only "
+                "(an expert must upload it by hand if it is still wanted)",
+                run=row.run,
+                harvest=row.seq,
+                tag=row.tag,
+                error=str(error),
+            )
+        else:  # a bug, not a verdict of the service: never settle on it
+            self._retry_later(row, error, now)
+            self.log.error(
+                "upload failed unexpectedly; kept in the outbox",
+                run=row.run,
+                harvest=row.seq,
+                error=f"{type(error).__name__}: {error}",
+                exc_info=error,
+            )
+
+    def _retry_later(self, row: UploadRow, error: Exception, now: float) -> None:
+        delay = min(MAX_BACKOFF_S, self.backoff_s * 2**row.attempts)
+        self.journal.update_upload(
+            row.run, row.seq, attempts=row.attempts + 1, next_attempt=now + delay, detail=str(error)
+        )
+        self._drop_connection()
+
+    def _report_auth(self, row: UploadRow, error: Exception) -> None:
+        """ERROR on the first refusal of an outage, then at most every AUTH_REMINDER_S."""
+        clock = self._monotonic()
+        if self._auth_reported_at is not None and clock - self._auth_reported_at < AUTH_REMINDER_S:
+            self.log.debug("upload still not authorized", run=row.run, harvest=row.seq)
+            return
+        self._auth_reported_at = clock
+        self.log.error(
+            "conditions DB refused the upload token; uploads stay pending and are retried "
+            "(fix or renew the token file: it is re-read when it changes, no restart needed)",
+            run=row.run,
+            harvest=row.seq,
+            tag=row.tag,
+            error=str(error),
+            pending=self.pending(),
+        )

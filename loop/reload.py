@@ -36,6 +36,7 @@ LIVE_LOOP_KEYS = (
     "poll.tick_s",
     "poll.heartbeat_s",
     "timeouts.job_s",
+    "timeouts.job_grace_s",
     "jobs.max_attempts",
     "jobs.retry_backoff_s",
 )

@@ -42,6 +42,8 @@ class RunRecord:
     last_config_sha256: str | None = None  # its frozen configuration
     accepted_harvest: int | None = None  # the newest harvest that passed validation
     accepted_version: str | None = None
+    # every step: why the run was quarantined in Failed (step, state, exception, message)
+    failure: dict[str, str] | None = None
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RunRecord:

@@ -5,7 +5,8 @@ independently (no head-of-line blocking). Conditions are pure functions of a
 :class:`Facts` snapshot taken just before each trigger; actions (``on_enter``) are
 idempotent, because after a SIGKILL the persisted state is re-entered and its action
 may run again. Every state change is persisted to the journal and logged in one
-structured line; an exception in an action sends the run to ``Failed``.
+structured line; an exception while handling one run (an action, a condition's facts)
+sends that run to ``Failed`` with the reason stored, and only that run.
 
 A step module declares its states (an Enum), its transition table and a model class
 naming both; the trigger methods the machine binds are generated from that table.
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from transitions import EventData, Machine
 
 from loop.batching import due, ready
+from loop.fsutil import storage_error_in
 
 if TYPE_CHECKING:
     from states.step import Step
@@ -45,6 +47,7 @@ class Facts:
     uploads_pending: int = 0  # step 4: outbox entries of the run not settled
     harvest_allowed: bool = True  # step 4: cadence (min interval) allows a harvest now
     rejected: bool = False  # step 4: the newest published harvest failed validation
+    final_upload: str | None = None  # step 4: outbox state of the accepted harvest's upload
 
 
 def _unbound(*_args: Any, **_kwargs: Any) -> bool:
@@ -179,13 +182,34 @@ class RunModel:
 
     def on_exception(self, event: EventData) -> None:
         """An action raised: quarantine the run in Failed, keep the daemon alive."""
+        assert event.error is not None
+        if storage_error_in(event.error):
+            # the disk, not the run, is at fault: back to the last persisted state, so
+            # the action runs again once the daemon can write (its degraded wait)
+            persisted = self.step.journal.run_state(self.run)
+            if persisted is not None:
+                event.machine.set_state(self.STATES[persisted], self)
+            raise event.error
+        self.quarantine(event.error, event.machine)
+
+    def quarantine(self, error: BaseException, machine: Machine) -> None:
+        """Move the run to Failed with its reason stored (step, state, exception,
+        message); one ERROR, the traceback in the debug logs only. Other runs and the
+        daemon carry on."""
+        failure = {
+            "step": self.step.name,
+            "state": self.state.name,
+            "exception": type(error).__name__,
+            "message": str(error),
+        }
         self.log.error(
-            "action failed; run quarantined in Failed (restart the daemon after "
-            "fixing the cause to retry it)",
-            error=repr(event.error),
-            exc_info=event.error,
+            "run failed and is quarantined in Failed; the daemon and the other runs "
+            "carry on (the reason is stored and shown by `calloop status`)",
+            **{f"failure_{key}": value for key, value in failure.items()},
+            exc_info=error,
         )
-        event.machine.set_state(self.FAILED, self)
+        self.step.journal.update_info(self.run, failure=failure)
+        machine.set_state(self.FAILED, self)
         self.step.retire_run(self.run, self.FAILED)
 
 

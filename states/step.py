@@ -13,7 +13,7 @@ import json
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -23,6 +23,7 @@ import structlog
 
 from loop.batching import plan_batches
 from loop.config import CalibrationConfig, LoopConfig
+from loop.fsutil import storage_error_in
 from loop.jobconfig import freeze
 from loop.jobs import JobManager, JobPolicy
 from loop.journal import OPEN_JOB_STATES, JobPhase, JobRow, Journal
@@ -51,7 +52,8 @@ class StepContext:
     calibration: CalibrationConfig
     backend: Backend
     log: structlog.stdlib.BoundLogger
-    clock: Callable[[], float] = time.time
+    clock: Callable[[], float] = time.time  # wall clock: compared with registry times
+    monotonic: Callable[[], float] = time.monotonic  # elapsed time: immune to clock jumps
 
 
 class Step:
@@ -73,6 +75,7 @@ class Step:
         self.machine = build_machine(self.model_class)
         self.order = trigger_order(self.model_class.TRANSITIONS)
         self.models: dict[int, RunModel] = {}
+        self._marks: dict[Hashable, float] = {}
         self.jobs = JobManager(
             self.journal, ctx.backend, self._job_policy(), self.on_job_success, self.log
         )
@@ -95,6 +98,7 @@ class Step:
             max_attempts=jobs.max_attempts,
             retry_backoff_s=jobs.retry_backoff_s,
             timeout_s=self.ctx.loop_config.timeouts.job_s,
+            grace_s=self.ctx.loop_config.timeouts.job_grace_s,
             key_prefix=f"{self.ctx.calibration.name}.{self.name}",
             resources=self.resources(),
         )
@@ -106,6 +110,17 @@ class Step:
         self.ctx.loop_config = loop_config
         self.ctx.calibration = calibration
         self.jobs.policy = self._job_policy()
+
+    def held_for(self, key: Hashable) -> float:
+        """Monotonic seconds since this process first asked about ``key`` (0 the first
+        time). Waits measured this way never shorten when the wall clock jumps; after a
+        restart they start again, which only ever makes a wait longer."""
+        now = self.ctx.monotonic()
+        return now - self._marks.setdefault(key, now)
+
+    def start_wait(self, key: Hashable) -> None:
+        """(Re)start the wait of ``key`` now (something happened)."""
+        self._marks[key] = self.ctx.monotonic()
 
     # ------------------------------------------------------------------- paths
 
@@ -163,16 +178,36 @@ class Step:
             self.watcher.restart()
             self.startup_scan()
         for path in self.watcher.drain():
-            self.ingest(path)
+            self.ingest_isolated(path)
         self.poll_external(now)
         self.jobs.poll(now)
         for run, model in list(self.models.items()):
-            advance(model, self.order, lambda run=run: self.facts(run, now))  # type: ignore[misc]
+            try:
+                advance(model, self.order, lambda run=run: self.facts(run, now))  # type: ignore[misc]
+            except Exception as exc:  # per-run isolation: one bad run never stops the others
+                if storage_error_in(exc):
+                    raise  # the machine, not the run: the daemon's degraded wait handles it
+                model.quarantine(exc, self.machine)
             if model.state.name in self.final_states or model.state is model.FAILED:
                 self.machine.remove_model(model)
                 del self.models[run]
         self.jobs.submit_ready(now)
         self.after_tick(now)
+
+    def ingest_isolated(self, path: Path) -> None:
+        """:meth:`ingest`, where an unexpected error costs only this file: one ERROR
+        naming it; the file is looked at again on the next scan (restart)."""
+        try:
+            self.ingest(path)
+        except Exception as exc:
+            if storage_error_in(exc):
+                raise  # disk trouble concerns every file: the daemon's degraded wait handles it
+            self.log.error(
+                "could not record an arrived file; it is ignored until the next scan",
+                file=str(path),
+                error=f"{type(exc).__name__}: {exc}",
+                exc_info=exc,
+            )
 
     # -------------------------------------------------------------------- facts
 
@@ -425,7 +460,7 @@ class Step:
         return {
             "runs_in_flight": {str(run): m.state.name for run, m in sorted(self.models.items())},
             "runs_needing_attention": {
-                str(run): state
+                str(run): self._attention_text(run, state)
                 for run, state in self.journal.runs_in_states(self.ATTENTION_STATES).items()
             },
             "jobs_running": in_flight,
@@ -433,6 +468,13 @@ class Step:
             "jobs_failed": counts.get(JobPhase.GIVEN_UP, 0),
             "jobs_succeeded": counts.get(JobPhase.SUCCEEDED, 0),
         }
+
+    def _attention_text(self, run: int, state: str) -> str:
+        """A run's attention state with the stored reason of a failure."""
+        failure = self.journal.info(run).failure
+        if not failure:
+            return state
+        return f"{state} ({failure['exception']} in {failure['state']}: {failure['message'][:160]})"
 
     def close(self) -> None:
         """Release the journal."""

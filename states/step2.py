@@ -14,13 +14,15 @@ WaitingForJobs         run ended and every LS is batched; waiting for jobs to se
 CleanupState           every job finished or was given up: writing ``run.end``
 Done                   complete
 Skipped                not selected: the rule that excluded it is logged once (INFO)
-Failed                 an action raised; quarantined until an operator restarts
+Failed                 handling the run raised: quarantined, reason stored (status)
 =====================  =============================================================
 
 The seed wrote ``runEnd`` before its last jobs finished; here ``run.end`` requires the
 registry's end, every LS number 1..last seen (or ``max_wait_s`` of grace, with a WARNING
 naming the missing ones), and no job still open. An unreachable registry is never read
-as an end; a run that never ends is closed after the look-back window.
+as an end; a run that never ends is closed after the look-back window once no LS came
+for ``max_wait_s``. Waits are measured on the monotonic clock, so a wall-clock jump
+never closes a run early.
 
 LS files: only canonical names count (``run<R>/run<R>_ls<NNNN>.h5``; anything else is
 named in one WARNING and ignored), so one LS is one file. An LS file rewritten after it
@@ -38,11 +40,12 @@ from pathlib import Path
 
 from transitions import EventData
 
+from loop.background import BackgroundCall
 from loop.errors import RegistryError
 from loop.fsutil import atomic_write_json, is_temporary
 from loop.journal import NewInput
 from loop.rawformat import parse_raw_name, run_dir
-from loop.registry import RegistryClient, RunInfo
+from loop.registry import Listing, RegistryClient, RejectedRecord, RunInfo
 from loop.runrecord import RunRecord
 from loop.selection import select
 from states.machine import Facts, RunModel, Transition
@@ -171,6 +174,8 @@ class Step2(Step):
         self.registry = registry
         self._next_poll = 0.0
         self._registry_down = False
+        self._poll: BackgroundCall[Listing[RunInfo]] = BackgroundCall("registry-poll")
+        self._bad_records: set[tuple[str, str]] = set()  # (run, field) already reported
         self._warned: set[Path] = set()  # non-canonical names already reported
 
     @property
@@ -206,6 +211,7 @@ class Step2(Step):
             log("LS file arrived after the run was closed; not processed", run=run, file=str(path))
             return
         self.journal.add_inputs(run, [NewInput(path.name, ls=ls, meta=seen)], self.clock())
+        self.start_wait(("quiet", run))
 
     def _warn_name(self, path: Path) -> None:
         if path in self._warned:
@@ -241,7 +247,7 @@ class Step2(Step):
         directory = run_dir(self.ctx.loop_config.raw_root, self.calibration.raw_input.stream, run)
         before = self.journal.input_count(run)
         for path in self.watcher.scan(directory, "*.h5"):
-            self.ingest(path)
+            self.ingest_isolated(path)
         found = self.journal.input_count(run) - before
         if found:
             self.log.info("LS files found by directory scan", run=run, files=found)
@@ -252,24 +258,64 @@ class Step2(Step):
     # ----------------------------------------------------------------- registry
 
     def poll_external(self, now: float) -> None:
-        if now < self._next_poll:
-            return
-        self._next_poll = now + self.ctx.loop_config.poll.registry_s
-        since = datetime.fromtimestamp(now - self.ctx.loop_config.lookback_hours * 3600)
-        try:
-            runs = self.registry.runs(since.astimezone())
-        except RegistryError as exc:
-            if not self._registry_down:
-                self.log.warning(
-                    "run registry unavailable; runs keep their last known state", error=str(exc)
-                )
-            self._registry_down = True
-            return
+        """Apply a finished registry poll; start the next one when due.
+
+        The poll runs on its own thread (:mod:`loop.background`), so a slow or hung
+        registry never delays the files of known runs nor the answer to SIGTERM; the
+        next poll is scheduled when the previous one returned, not before it started.
+        """
+        outcome = self._poll.collect()
+        if outcome is not None:
+            self._next_poll = now + self.ctx.loop_config.poll.registry_s
+            if outcome.error is not None:
+                self._registry_failed(outcome.error)
+            elif outcome.value is not None:
+                self._registry_answered(outcome.value, now)
+        if now >= self._next_poll and not self._poll.busy:
+            since = datetime.fromtimestamp(self._poll_window_start(now)).astimezone()
+            self._poll.start(lambda: self.registry.runs(since))
+
+    def _poll_window_start(self, now: float) -> float:
+        """The look-back window's start, widened to every open run's start: a run
+        being processed is never dropped from the poll (after a wall-clock jump)."""
+        start = now - self.ctx.loop_config.lookback_hours * 3600
+        for run in self.models:
+            started = self.journal.info(run).start_time
+            if started is not None:
+                start = min(start, started)
+        return start
+
+    def _registry_failed(self, error: Exception) -> None:
+        if not isinstance(error, RegistryError):
+            error = RegistryError(f"run registry poll failed: {type(error).__name__}: {error}")
+        if not self._registry_down:
+            self.log.warning(
+                "run registry unavailable; runs keep their last known state", error=str(error)
+            )
+        self._registry_down = True
+
+    def _registry_answered(self, listing: Listing[RunInfo], now: float) -> None:
         if self._registry_down:
             self.log.info("run registry reachable again")
         self._registry_down = False
-        for info in runs:
+        for rejected in listing.rejected:
+            self._warn_record(rejected)
+        for info in listing.records:
             self._update_run(info, now)
+
+    def _warn_record(self, rejected: RejectedRecord) -> None:
+        """One WARNING per bad (run, field) for the daemon's lifetime: a registry that
+        keeps serving the same bad record is not reported every poll."""
+        key = (rejected.run, rejected.field)
+        if key in self._bad_records:
+            return
+        self._bad_records.add(key)
+        self.log.warning(
+            "run registry record ignored: a field is invalid; the other runs are processed",
+            registry_run=rejected.run,
+            field=rejected.field,
+            reason=rejected.reason,
+        )
 
     def _update_run(self, info: RunInfo, now: float) -> None:
         is_new = info.run_number not in self.models
@@ -311,9 +357,12 @@ class Step2(Step):
         """Whether the run is selected (None: not decided yet) and the rule that decided."""
         if record.run_type is not None:
             return select(self.calibration.run_selection, record, seen)
-        # raw files but no registry entry yet: wait, up to the look-back window
+        # raw files but no registry entry yet: wait, up to the look-back window, by the
+        # wall clock (the files' age) and by the monotonic clock (a jump is not a wait)
+        lookback_s = self.ctx.loop_config.lookback_hours * 3600
         first = self.journal.first_seen(run) or now
-        if now - first <= self.ctx.loop_config.lookback_hours * 3600:
+        waited = self.held_for(("unlisted", run))
+        if now - first <= lookback_s or waited <= lookback_s:
             return None, "waiting for the registry to list the run"
         return False, (
             "the registry never listed the run within the look-back window "
@@ -328,21 +377,11 @@ class Step2(Step):
         self.log.info("run skipped", run=run, rule=reason, run_type=record.run_type)
 
     def _ended(self, run: int, record: RunRecord, now: float) -> bool:
-        lookback_s = self.ctx.loop_config.lookback_hours * 3600
         if not record.ended:
-            if record.start_time is not None and now - record.start_time > lookback_s:
-                if not record.lookback_closed:
-                    self.journal.update_info(run, lookback_closed=True)
-                    self.log.warning(
-                        "run never ended; closing it after the look-back window",
-                        run=run,
-                        lookback_hours=lookback_s / 3600,
-                    )
-                return True
-            return False
+            return self._never_ending(run, record, now)
         if self.journal.count_ls(run, record.last_ls) >= record.last_ls:
             return True  # every LS number 1..last seen (names are canonical: one per LS)
-        waited = now - (record.ended_seen_at or now)
+        waited = self.held_for(("ended", run))
         if waited < self.calibration.step2.max_wait_s:
             return False
         if record.missing_ls is None:
@@ -353,6 +392,27 @@ class Step2(Step):
                 run=run,
                 missing_ls=missing,
                 waited_s=round(waited),
+            )
+        return True
+
+    def _never_ending(self, run: int, record: RunRecord, now: float) -> bool:
+        """A run the registry never ends is closed once it started longer ago than the
+        look-back window (wall clock, against the registry's start time) AND no LS
+        arrived for ``max_wait_s`` (monotonic): a wall-clock jump alone never closes a
+        run that still receives LS."""
+        lookback_s = self.ctx.loop_config.lookback_hours * 3600
+        if record.start_time is None or now - record.start_time <= lookback_s:
+            return False
+        quiet = self.held_for(("quiet", run))
+        if quiet < self.calibration.step2.max_wait_s:
+            return False
+        if not record.lookback_closed:
+            self.journal.update_info(run, lookback_closed=True)
+            self.log.warning(
+                "run never ended; closing it after the look-back window",
+                run=run,
+                lookback_hours=lookback_s / 3600,
+                no_ls_for_s=round(quiet),
             )
         return True
 

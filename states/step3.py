@@ -13,7 +13,7 @@ LaunchingAlCaJobs      submitting due jobs
 WaitingForJobs         step 2 complete and everything batched; jobs still open
 Cleanup                writing ``step3.done`` (lists every witness, every failed batch)
 Done                   complete
-Failed                 an action raised; quarantined
+Failed                 handling the run raised: quarantined, reason stored (status)
 =====================  =============================================================
 """
 

@@ -14,11 +14,16 @@ WaitingForHarvest          one harvest per run at a time: waiting for it to fini
 Uploading                  validating the payload, writing a store version, queuing the
                            upload in the outbox (a failed validation is stored retired)
 Cleanup                    step 3 complete, all harvested: ``step4.done`` and
-                           ``summary.json`` written; waiting for the outbox to drain
-Done                       complete: the final payload passed validation
+                           ``summary.json`` written (the final upload queued)
+WaitingForUpload           the final payload is not in the conditions DB yet (service
+                           down, token refused): retried until it is
+Done                       complete: the final payload passed validation and is in the
+                           conditions DB (or the run produced no payload)
 Rejected                   complete, but the final payload failed validation: kept in
                            the store (retired) for inspection, not uploaded
-Failed                     an action raised; quarantined
+UploadRefused              complete, but the conditions DB refused the final payload
+                           for good (e.g. a synchronization rule): in the store only
+Failed                     handling the run raised: quarantined, reason stored (status)
 =========================  =========================================================
 
 Harvests of a run are serialized and chained (each merges the previous state with the
@@ -72,8 +77,10 @@ class Step4State(Enum):
     WaitingForHarvest = auto()
     Uploading = auto()
     Cleanup = auto()
+    WaitingForUpload = auto()
     Done = auto()
     Rejected = auto()
+    UploadRefused = auto()
     Failed = auto()
 
 
@@ -137,10 +144,9 @@ TRANSITIONS: list[Transition] = [
     },
     {"trigger": "more_inputs", "source": S.Uploading, "dest": S.CheckingFiles},
     {
-        "trigger": "finish",
+        "trigger": "await_upload",
         "source": S.Cleanup,
-        "dest": S.Done,
-        "conditions": "uploads_settled",
+        "dest": S.WaitingForUpload,
         "unless": "final_rejected",
     },
     {
@@ -148,6 +154,18 @@ TRANSITIONS: list[Transition] = [
         "source": S.Cleanup,
         "dest": S.Rejected,
         "conditions": ["uploads_settled", "final_rejected"],
+    },
+    {
+        "trigger": "finish",
+        "source": S.WaitingForUpload,
+        "dest": S.Done,
+        "conditions": ["uploads_settled", "final_uploaded"],
+    },
+    {
+        "trigger": "refused",
+        "source": S.WaitingForUpload,
+        "dest": S.UploadRefused,
+        "conditions": ["uploads_settled", "final_refused"],
     },
     {"trigger": "fail", "source": "*", "dest": S.Failed},
 ]
@@ -200,6 +218,14 @@ class Step4Run(RunModel):
         """The run's newest harvest failed validation."""
         return self.facts.rejected
 
+    def final_uploaded(self, _event: EventData) -> bool:
+        """The final payload is in the conditions DB (or there is none to upload)."""
+        return self.facts.final_upload in (None, "done", "superseded")
+
+    def final_refused(self, _event: EventData) -> bool:
+        """The conditions DB refused the final payload for good."""
+        return self.facts.final_upload == "refused"
+
     on_enter_PreparingFiles = RunModel.make_batches  # one batch of all new outputs
     on_enter_PreparingFinalFiles = RunModel.make_final_batches
     on_enter_PreparingHarvestingJobs = RunModel.create_jobs
@@ -210,8 +236,14 @@ class Step4Run(RunModel):
         self.step.publish(self.run)
 
     on_enter_Cleanup = RunModel.close_run
-    on_enter_Done = RunModel.retire
-    on_enter_Rejected = RunModel.retire
+
+    def on_enter_Done(self, event: EventData) -> None:
+        """Record the upload outcome in ``summary.json``, then retire."""
+        self.step.write_summary(self.run)
+        self.retire(event)
+
+    on_enter_Rejected = on_enter_Done
+    on_enter_UploadRefused = on_enter_Done
 
 
 class Step4(FollowsUpstream):
@@ -220,8 +252,8 @@ class Step4(FollowsUpstream):
     name = "step4"
     worker = "harvest"
     model_class = Step4Run
-    final_states = ("Done", "Rejected")
-    ATTENTION_STATES = ("Failed", "Rejected")
+    final_states = ("Done", "Rejected", "UploadRefused")
+    ATTENTION_STATES = ("Failed", "Rejected", "UploadRefused")
     marker_name = "step4.done"
     upstream = "step3"
     upstream_marker = "step3.done"
@@ -237,7 +269,18 @@ class Step4(FollowsUpstream):
             lambda: self.calibration,
             self.log,
             backoff_s=ctx.loop_config.jobs.retry_backoff_s,
+            credentials=self._token_stamp,
+            monotonic=ctx.monotonic,
         )
+
+    def _token_stamp(self) -> tuple[int, int] | None:
+        """Changes when the token file is edited or replaced (the outbox then retries)."""
+        path = self.ctx.loop_config.conddb_token_file
+        try:
+            stat = path.stat() if path is not None else None
+        except OSError:
+            return None
+        return None if stat is None else (stat.st_mtime_ns, stat.st_size)
 
     def batch_sizes(self) -> tuple[int, int]:
         return self.calibration.step4.harvest_every_files, 10**9  # one batch = one harvest
@@ -260,6 +303,11 @@ class Step4(FollowsUpstream):
             uploads_pending=self.outbox.pending(run),
             harvest_allowed=interval_ok,
             rejected=bool(record.last_problems),
+            final_upload=(
+                None
+                if record.accepted_harvest is None
+                else self.outbox.final_state(run, record.accepted_harvest)
+            ),
         )
 
     # --------------------------------------------------------------- harvest jobs
@@ -427,12 +475,19 @@ class Step4(FollowsUpstream):
             if not cal.step4.upload_intermediate:
                 self._queue_upload(run, job, cal, record.accepted_version)
         super().close_run(run)
+        self.write_summary(run)
+
+    def write_summary(self, run: int) -> None:
+        """``summary.json``: outcome, final version and its upload, validation,
+        configuration hash and every input rejected along the chain."""
+        record = self.journal.info(run)
         if record.last_version is None:
             outcome = "no payload"
         elif record.last_problems:
             outcome = "rejected"
         else:
             outcome = "accepted"
+        accepted = record.accepted_harvest
         atomic_write_json(
             self.step_dir(run) / "summary.json",
             {
@@ -440,6 +495,7 @@ class Step4(FollowsUpstream):
                 "outcome": outcome,
                 "final_version": record.last_version,
                 "uploaded_version": record.accepted_version,
+                "upload": None if accepted is None else self.outbox.final_state(run, accepted),
                 "validation_problems": record.last_problems,
                 "config_sha256": record.last_config_sha256,
                 "harvests": self.journal.batch_count(run),

@@ -121,7 +121,7 @@ class FollowsUpstream(Step):
             found = self.watcher.scan(upstream, f"*{WITNESS_SUFFIX}")
             marker = upstream / self.upstream_marker
             for path in sorted(found) + ([marker] if marker.exists() else []):
-                self.ingest(path)
+                self.ingest_isolated(path)
 
     def upstream_ended(self, run: int) -> bool:
         """The upstream marker is in and every witness it lists was taken or refused."""

@@ -36,11 +36,16 @@ class Harness:
     loop_config: LoopConfig
     player: Player
     offset: float = 0.0  # added to wall-clock time: lets a test jump ahead (look-back)
+    monotonic_offset: float = 0.0  # added to the monotonic clock: elapsed time passes
     daemons: list[Daemon] = field(default_factory=list)
 
     def clock(self) -> float:
         """The daemons' clock."""
         return time.time() + self.offset
+
+    def monotonic(self) -> float:
+        """The daemons' monotonic clock (durations, waits)."""
+        return time.monotonic() + self.monotonic_offset
 
     def edit_calibration(self, name: str, changes: dict[str, object]) -> None:
         """Change keys or sections of a calibration YAML (before starting its daemons)."""
@@ -55,7 +60,9 @@ class Harness:
 
     def start(self, step: str, calibration: str) -> Daemon:
         """An initialized daemon."""
-        daemon = Daemon(step, self.loop_config, calibration, clock=self.clock)
+        daemon = Daemon(
+            step, self.loop_config, calibration, clock=self.clock, monotonic=self.monotonic
+        )
         daemon.initialize()
         self.daemons.append(daemon)
         return daemon

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from loop.conddb.client import Conditions, ConditionsDB
-from loop.conddb.db import ConditionsDatabase, NotFound
+from loop.conddb.db import ConditionsDatabase, InvalidRequest, NotFound
+from loop.conddb.rules import RuleRefused
 from loop.conddb.server import ServiceThread, create_app
 from loop.errors import ConditionsError
 
@@ -93,6 +94,34 @@ def test_reupload_is_idempotent(backend: Backend) -> None:
     assert [e["action"] for e in backend.client.taglog(tag)].count("upload") == 1
 
 
+def test_keyed_uploads_are_answered_once_and_in_harvest_order(backend: Backend) -> None:
+    tag = _tag(backend)
+    first = backend.client.upload(tag, 100, np.zeros(3), key="run100:h1", sequence=1)
+    second = backend.client.upload(tag, 100, np.ones(3), key="run100:h2", sequence=2)
+    assert first.status == second.status == "inserted"
+    assert backend.client.upload(tag, 100, np.zeros(3), key="run100:h1", sequence=1) == first
+    late = backend.client.upload(tag, 100, np.zeros(3), key="run100:h1-again", sequence=1)
+    assert late.status == "superseded" and "older than harvest 2" in late.note
+    assert backend.client.upload_result("run100:h1-again") == late
+    assert backend.client.upload_result("run100:h2") == second
+    assert backend.client.upload_result("never-sent") is None
+    history = backend.client.iovs(tag, history=True)
+    assert [i.payload_hash for i in history] == [first.payload_hash, second.payload_hash]
+    assert backend.client.resolve(tag=tag, run=100).payload_hash == second.payload_hash
+    unkeyed = backend.client.upload(tag, 100, np.zeros(3))  # CLI uploads: as before
+    assert unkeyed.status == "inserted" and len(backend.client.iovs(tag, history=True)) == 3
+
+
+def test_keyed_upload_misuse_is_refused(backend: Backend) -> None:
+    tag = _tag(backend)
+    backend.client.upload(tag, 100, np.zeros(3), key="k1", sequence=1)
+    with pytest.raises(InvalidRequest, match="k1"):
+        backend.client.upload(tag, 100, np.ones(3), key="k1", sequence=1)  # other payload
+    with pytest.raises(InvalidRequest, match="idempotency"):
+        backend.client.upload(tag, 100, np.ones(3), sequence=2)  # ordering needs a key
+    assert len(backend.client.iovs(tag, history=True)) == 1
+
+
 def test_reinsert_keeps_history_and_snapshots(backend: Backend) -> None:
     tag = _tag(backend)
     old = backend.client.upload(tag, 100, np.zeros(3))
@@ -111,9 +140,10 @@ def test_reinsert_keeps_history_and_snapshots(backend: Backend) -> None:
 def test_offline_rule(backend: Backend) -> None:
     tag = _tag(backend, "Offline_v1", sync="offline")
     backend.client.upload(tag, 100, np.zeros(2))
-    with pytest.raises(ConditionsError, match="after the last one"):
-        backend.client.upload(tag, 100, np.ones(2))
-    with pytest.raises(ConditionsError, match="after the last one"):
+    with pytest.raises(RuleRefused, match="after the last one"):  # permanent, over HTTP too
+        backend.client.upload(tag, 100, np.ones(2), key="offline-100", sequence=2)
+    assert backend.client.upload_result("offline-100") is None
+    with pytest.raises(RuleRefused, match="after the last one"):
         backend.client.upload(tag, 50, np.ones(2))
     assert backend.client.upload(tag, 101, np.ones(2)).status == "inserted"
     assert len(backend.client.iovs(tag, history=True)) == 2
@@ -122,14 +152,14 @@ def test_offline_rule(backend: Backend) -> None:
 def test_mc_rule(backend: Backend) -> None:
     tag = _tag(backend, "MC_v1", sync="mc")
     backend.client.upload(tag, 1, np.zeros(2))
-    with pytest.raises(ConditionsError, match="single IOV"):
+    with pytest.raises(RuleRefused, match="single IOV"):
         backend.client.upload(tag, 5, np.ones(2))
 
 
 def test_pcl_and_prompt_rules_with_fcsr(backend: Backend) -> None:
     backend.admin.set_fcsr(200)
     pcl = _tag(backend, "PCL_v1", sync="pcl")
-    with pytest.raises(ConditionsError, match="first condition-safe run 200"):
+    with pytest.raises(RuleRefused, match="first condition-safe run 200"):
         backend.client.upload(pcl, 150, np.zeros(2))
     assert backend.client.iovs(pcl) == []
     prompt = _tag(backend, "Prompt_v1", sync="prompt")

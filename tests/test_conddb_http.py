@@ -14,8 +14,9 @@ import requests
 import schemathesis
 from hypothesis import HealthCheck, settings
 
+from loop.callpolicy import CallPolicy
 from loop.conddb.client import ConditionsDB
-from loop.conddb.db import ConditionsDatabase
+from loop.conddb.db import ConditionsDatabase, ConditionsUnavailable, NotAuthorized
 from loop.conddb.server import ServiceThread, create_app
 from loop.errors import ConditionsError
 from tests.conftest import run_cli
@@ -81,6 +82,77 @@ def test_token_scope_is_enforced(service: tuple[str, ConditionsDatabase]) -> Non
     _nothing_written(db)
     assert db.iovs("SiStrip_v1") == []
     assert _post(url, _upload_body("SiStrip_v1"), token=strip_only).status_code == 200
+
+
+def test_client_reports_token_refusals_as_not_authorized(
+    service: tuple[str, ConditionsDatabase],
+) -> None:
+    url, db = service
+    for token in ("cdb_1_forged", db.create_token("tracker", ["SiStrip*"])):  # 401, 403
+        client = ConditionsDB.connect(url, token)
+        with pytest.raises(NotAuthorized, match=r"HTTP 40[13]"):
+            client.upload(TAG, 1, np.zeros(2), key="k1", sequence=1)
+        client.close()
+    _nothing_written(db)
+
+
+def test_upload_outcome_endpoint(service: tuple[str, ConditionsDatabase]) -> None:
+    url, db = service
+    token = db.create_token("alice", ["Ecal*"])
+    body = _upload_body()
+    body["metadata"].update(idempotencyKey="calloop:Ecal:run100:harvest1", harvestSequence=1)
+    posted = _post(url, body, token=token).json()[0]
+    outcome = requests.get(f"{url}/api/v1/uploads/calloop:Ecal:run100:harvest1", timeout=10)
+    assert outcome.status_code == 200 and outcome.json() == posted
+    unknown = requests.get(f"{url}/api/v1/uploads/never-sent", timeout=10)
+    assert unknown.status_code == 404 and unknown.json()["error"] == "not_found"
+    for bad in ("with space", "é", "x" * 201):
+        assert requests.get(f"{url}/api/v1/uploads/{bad}", timeout=10).status_code == 422
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        {"harvestSequence": 1},
+        {"idempotencyKey": "k", "destinationTags": {TAG: {}, "SiStrip_v1": {}}},
+        {"idempotencyKey": "bad key"},
+        {"idempotencyKey": "k", "harvestSequence": -1},
+    ],
+    ids=["sequence-without-key", "key-with-two-tags", "bad-key", "negative-sequence"],
+)
+def test_malformed_keyed_uploads_are_422(
+    service: tuple[str, ConditionsDatabase], metadata: dict[str, object]
+) -> None:
+    url, db = service
+    body = _upload_body()
+    body["metadata"].update(metadata)
+    response = _post(url, body, token=db.create_token("alice", ["*"]))
+    assert response.status_code == 422, response.text
+    _nothing_written(db)
+
+
+def test_database_outage_is_503_and_transient(
+    service: tuple[str, ConditionsDatabase], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url, db = service
+
+    def down() -> None:
+        raise ConditionsUnavailable("database is locked")
+
+    monkeypatch.setattr(db, "tags", down)
+    response = requests.get(f"{url}/api/v1/tags", timeout=10)
+    assert response.status_code == 503 and response.json()["error"] == "unavailable"
+    client = ConditionsDB.connect(url, policy=CallPolicy(attempts=2, backoff_s=0.01))
+    with pytest.raises(ConditionsUnavailable, match=r"HTTP 503.*after 2 attempt"):
+        client.tags()
+
+
+def test_oversized_reply_is_not_read_nor_retried(service: tuple[str, ConditionsDatabase]) -> None:
+    url, _ = service
+    client = ConditionsDB.connect(url, policy=CallPolicy(max_bytes=64))
+    with pytest.raises(ConditionsError, match="byte cap") as raised:
+        client.tags()
+    assert not isinstance(raised.value, ConditionsUnavailable)
 
 
 def test_revoked_token_is_refused(service: tuple[str, ConditionsDatabase]) -> None:
@@ -158,6 +230,7 @@ def test_read_token_option(tmp_path: Path) -> None:
     server = ServiceThread(create_app(db, read_token_required=True)).start()
     try:
         assert requests.get(f"{server.url}/api/v1/tags", timeout=10).status_code == 401
+        assert requests.get(f"{server.url}/api/v1/uploads/k", timeout=10).status_code == 401
         reader = ConditionsDB.connect(server.url, db.create_token("bob", ["none"]))
         assert reader.tags() == []
         with pytest.raises(ConditionsError, match="403"):
@@ -167,8 +240,9 @@ def test_read_token_option(tmp_path: Path) -> None:
 
 
 def test_client_retries_then_reports_unreachable() -> None:
-    client = ConditionsDB.connect("http://127.0.0.1:9", attempts=2, timeout_s=0.5)
-    with pytest.raises(ConditionsError, match="unreachable after 2 attempts"):
+    policy = CallPolicy(attempts=2, timeout_s=0.5, deadline_s=5, backoff_s=0.01)
+    client = ConditionsDB.connect("http://127.0.0.1:9", policy=policy)
+    with pytest.raises(ConditionsUnavailable, match=r"cannot connect .*after 2 attempt"):
         client.tags()
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from loop.conddb.rules import decide, lumi_since, split_lumi
+from loop.conddb.rules import RuleRefused, decide, lumi_since, split_lumi
 from loop.errors import ConditionsError
 
 
@@ -55,3 +55,18 @@ def test_express_prompt_hlt_move_up(sync: str) -> None:
 def test_lumi_encoding() -> None:
     since = lumi_since(386001, 17)
     assert since == (386001 << 32) | 17 and split_lumi(since) == (386001, 17)
+
+
+@pytest.mark.parametrize(
+    ("sync", "kwargs"),
+    [("offline", {"last": 100}), ("mc", {"count": 1}), ("pcl", {"fcsr": 200})],
+)
+def test_refusals_are_permanent_rule_refusals(sync: str, kwargs: dict[str, int]) -> None:
+    with pytest.raises(RuleRefused):
+        _decide(sync, 100, **kwargs)
+
+
+def test_unknown_synchronization_is_not_a_rule_refusal() -> None:
+    with pytest.raises(ConditionsError) as raised:
+        _decide("bogus", 100, fcsr=200)
+    assert not isinstance(raised.value, RuleRefused)

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import yaml
 
+from loop.callpolicy import CallPolicy
 from loop.conddb.client import ConditionsDB
 from loop.conddb.db import ConditionsDatabase, NotFound
 from loop.conddb.server import ServiceThread, create_app
@@ -160,7 +161,8 @@ def test_run_that_never_ends_is_closed_after_lookback(
         step2 = made.start("step2", "EcalPedestals")
         made.play()
         made.run_until(lambda: _step(step2).journal.input_count(RUN_A) == 4)
-        made.offset = 8 * 3600 + 60  # the clock jumps past the 8 h look-back window
+        # 8 h pass (both clocks): past the look-back window, and no LS for max_wait_s
+        made.offset = made.monotonic_offset = 8 * 3600 + 60
         with caplog.at_level(logging.WARNING):
             made.run_until(lambda: _state(step2, RUN_A) == "Done")
         assert any("never ended" in r.getMessage() for r in caplog.records)
@@ -223,7 +225,7 @@ def test_conddb_outage_delays_but_never_loses_or_duplicates(tmp_path: Path) -> N
     log = get_logger("test")
     outbox = Outbox(
         journal,
-        lambda: ConditionsDB.connect(url, token, attempts=1, timeout_s=1),
+        lambda: ConditionsDB.connect(url, token, policy=CallPolicy(attempts=1, timeout_s=1)),
         lambda: cal,
         log,
         backoff_s=0.01,
@@ -241,7 +243,11 @@ def test_conddb_outage_delays_but_never_loses_or_duplicates(tmp_path: Path) -> N
             version=f"v{seq}",
             now=0,
         )
-    outbox.flush(time.time())
+    deadline = time.monotonic() + 10
+    while not any(row.attempts for row in journal.uploads(states=("pending",))):
+        assert time.monotonic() < deadline, "the first upload attempt never settled"
+        outbox.flush(time.time())  # the call runs in the background: settle it
+        time.sleep(0.02)
     [waiting] = journal.uploads(states=("pending",))  # the DB is down: kept, retried later
     assert (waiting.seq, waiting.attempts) == (2, 1)  # the older harvest is superseded
     service = ServiceThread(create_app(db), port=port).start()
@@ -450,7 +456,7 @@ def test_run_unknown_to_the_registry_is_skipped_after_lookback(
         made.run_until(lambda: _step(step2).journal.input_count(RUN_A) == 4)
         made.cycle()
         assert _state(step2, RUN_A) == "NotRunning"  # waits for the registry at first
-        made.offset = 8 * 3600 + 60
+        made.offset = made.monotonic_offset = 8 * 3600 + 60  # 8 h pass (both clocks)
         with caplog.at_level(logging.INFO):
             made.run_until(lambda: _state(step2, RUN_A) == "Skipped")
         skips = [r.getMessage() for r in caplog.records if "run skipped" in r.getMessage()]

@@ -72,14 +72,24 @@ def test_library_loggers_reach_the_same_files(log_dir: Path) -> None:
     assert "Finished processing state X" not in _read(log_dir, "INFO")
 
 
-def test_exceptions_are_logged_with_traceback(log_dir: Path) -> None:
-    log = setup_logging(log_dir, "EcalPedestals", "step2", console=False)
+def test_tracebacks_only_in_the_all_log_and_jsonl(
+    log_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Where an operator looks (the level files, the console) an error is one line that
+    says where its traceback is; the expert's files keep the whole traceback."""
+    log = setup_logging(log_dir, "EcalPedestals", "step2")
     try:
         raise RuntimeError("job crashed")
     except RuntimeError:
         log.exception("job failed")
-    text = _read(log_dir, "ERROR")
-    assert "job failed" in text and "RuntimeError: job crashed" in text
+    error = _read(log_dir, "ERROR")
+    assert "job failed" in error and "traceback_in=step2_ALL.log" in error
+    assert "Traceback" not in error and len(error.strip().splitlines()) == 1
+    assert "Traceback" not in capsys.readouterr().err
+    everything = _read(log_dir, "ALL")
+    assert "Traceback" in everything and "RuntimeError: job crashed" in everything
+    record = json.loads((log_dir / "EcalPedestals" / "step2.jsonl").read_text().splitlines()[-1])
+    assert "RuntimeError" in json.dumps(record["exception"])
 
 
 def test_reopens_after_logrotate_moves_the_file(log_dir: Path) -> None:

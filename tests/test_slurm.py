@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import time
@@ -12,10 +13,12 @@ import pytest
 from loop.config import SlurmConfig, load_loop_config
 from loop.demo import format_table, run_demo
 from loop.errors import JobError
+from loop.journal import JobPhase, Journal
 from loop.sim.scenario import RunSpec, load_scenario
 from tests.daemon_harness import harness, scenario, slow_command
+from tests.test_jobs_deadline import add_hang_once, drive, make_manager, short_policy, stop_attempt
 from workers.backends.base import BackendUnavailable, JobSpec, JobState, JobStatus
-from workers.backends.slurm import SlurmBackend, parse_exit_code, slurm_state
+from workers.backends.slurm import SlurmBackend, parse_elapsed, parse_exit_code, slurm_state
 
 pytestmark = pytest.mark.slurm
 
@@ -54,6 +57,9 @@ def test_state_and_exit_code_parsing() -> None:
     assert slurm_state("PENDING") is JobState.PENDING
     assert parse_exit_code("3:0") == 3 and parse_exit_code("0:9") == 137
     assert parse_exit_code("") is None
+    assert parse_elapsed("0:07") == 7 and parse_elapsed("1:02:03") == 3723
+    assert parse_elapsed("2-00:00:01") == 172801
+    assert parse_elapsed("INVALID") is None and parse_elapsed("") is None
 
 
 def test_job_outcomes_on_the_live_cluster(slurm_cluster: Path, tmp_path: Path) -> None:
@@ -108,6 +114,44 @@ def test_unreachable_controller_is_waited_for(
         backend.poll({"1": _spec(tmp_path, "x", "pass")})
 
 
+def test_overdue_job_is_cancelled_and_retried(
+    slurm_cluster: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Wrapper and payload stopped inside a Slurm job: the daemon scancels the job once
+    squeue's run time passes timeout + grace, and the retry (a new job) succeeds."""
+    journal = Journal(tmp_path / "step2.journal.sqlite")
+    try:
+        manager = make_manager(
+            journal,
+            SlurmBackend(SlurmConfig(vanish_grace_s=30), "Test"),
+            policy=short_policy(timeout_s=3, grace_s=2),
+        )
+        add_hang_once(journal, tmp_path)
+        manager.submit_ready(time.time())
+        first = journal.jobs()[0]
+        stop_attempt(manager.spec(first, 1), limit=60)
+        with caplog.at_level(logging.WARNING):
+            drive(
+                manager,
+                lambda: journal.jobs()[0].state == JobPhase.SUCCEEDED,
+                limit=120,
+                interval=0.5,
+            )
+        retried = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
+        assert len(retried) == 1 and "killed by the daemon" in retried[0]
+        assert "timeouts.job_s = 3 s + 2 s grace" in retried[0]
+        last = journal.jobs()[0]
+        assert last.attempts == 2 and last.backend_id != first.backend_id
+    finally:
+        journal.close()
+    cancelled = _wait_all(
+        SlurmBackend(SlurmConfig(vanish_grace_s=30), "Test"),
+        {str(first.backend_id): manager.spec(first, 1)},
+        limit=60,
+    )
+    assert cancelled[str(first.backend_id)].state is JobState.CANCELLED
+
+
 def test_restarted_daemon_readopts_its_jobs(
     slurm_cluster: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -127,11 +171,13 @@ def test_restarted_daemon_readopts_its_jobs(
         )
         first = made.start("step2", "EcalPedestals")
         made.play()
-        assert first.step is not None
-        made.run_until(lambda: len(first.step.journal.jobs(states=("submitted", "running"))) == 2)  # type: ignore[union-attr]
-        submitted = {j.batch: j.backend_id for j in first.step.journal.jobs()}
-        first.step.watcher.stop()  # the process "dies": no clean shutdown, no final status
-        first.step.close()
+        step = first.step
+        assert step is not None
+        in_flight = (JobPhase.SUBMITTED, JobPhase.RUNNING)
+        made.run_until(lambda: len(step.journal.jobs(states=in_flight)) == 2)
+        submitted = {j.batch: j.backend_id for j in step.journal.jobs()}
+        step.watcher.stop()  # the process "dies": no clean shutdown, no final status
+        step.close()
         first._lock.release()
         made.daemons.remove(first)
         second = made.start("step2", "EcalPedestals")

@@ -2,15 +2,20 @@
 
 ``python -m workers.wrapper --job-dir D --attempt N --timeout T -- CMD ARGS...``
 
-Writes ``D/started.N.json`` (pid, host, time), runs CMD in its own process group,
-kills the group after T seconds or on SIGTERM (a backend's cancel), and writes
-``D/exit_status.N.json`` atomically with the exit code before exiting with it.
+Runs CMD in its own process group, writes ``D/started.N.json`` (pid, host, time and the
+payload's process group, so a daemon can kill what is left of it), kills the group after
+T seconds or on SIGTERM (a backend's cancel), and writes ``D/exit_status.N.json``
+atomically with the exit code before exiting with it. The payload is SIGKILLed by the
+kernel when the wrapper dies, however it dies: a killed wrapper never leaves its payload
+running beside the retry in the same job directory.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import functools
 import os
 import signal
 import socket
@@ -20,8 +25,10 @@ import time
 from pathlib import Path
 
 from loop.fsutil import atomic_write_json
+from workers.backends import procfs
 
 TIMEOUT_EXIT = 124
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,23 +43,26 @@ def main(argv: list[str] | None = None) -> int:
     if not command:
         parser.error("no command given after --")
     started = time.time()
-    base = {
-        "pid": os.getpid(),
-        "host": socket.gethostname(),
-        "start": started,
-        "attempt": args.attempt,
-        "command": command,
-    }
-    atomic_write_json(args.job_dir / f"started.{args.attempt}.json", base)
     cancelled = False
-    child = subprocess.Popen(command, start_new_session=True)
+    child = _start(command)
 
     def on_term(_signum: int, _frame: object) -> None:
         nonlocal cancelled
         cancelled = True
         _kill_group(child)
 
-    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGTERM, on_term)  # before the started file: from then on, cancel works
+    payload = procfs.stat(child.pid)  # not reaped yet, so readable even if it already ended
+    base = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "start": started,
+        "attempt": args.attempt,
+        "command": command,
+        "payload_pgid": child.pid,
+        "payload_start_ticks": None if payload is None else payload.start_ticks,
+    }
+    atomic_write_json(args.job_dir / f"started.{args.attempt}.json", base)
     timed_out = False
     try:
         code = child.wait(timeout=args.timeout)
@@ -72,6 +82,26 @@ def main(argv: list[str] | None = None) -> int:
         },
     )
     return code if code >= 0 else 128 - code
+
+
+def _start(command: list[str]) -> subprocess.Popen[bytes]:
+    """The payload in a new session (its own group, killed as a whole), bound to die
+    with this process."""
+    libc = ctypes.CDLL(None, use_errno=True)  # loaded here: the child only calls it
+    return subprocess.Popen(
+        command,
+        start_new_session=True,
+        # preexec_fn is unsafe only with threads, and the wrapper has none; the death
+        # signal follows the thread that forks, which is this one
+        preexec_fn=functools.partial(_die_with_parent, libc, os.getpid()),  # noqa: PLW1509
+    )
+
+
+def _die_with_parent(libc: ctypes.CDLL, parent: int) -> None:
+    """In the payload, before exec: have the kernel SIGKILL it when the wrapper dies."""
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the wrapper died before the request took effect
+        os._exit(128 + signal.SIGKILL)
 
 
 def _kill_group(child: subprocess.Popen[bytes]) -> None:

@@ -13,6 +13,7 @@ from loop.commands.common import add_json_flag, emit, when
 from loop.conddb import DEFAULT_MAX_BODY
 from loop.config import default_config_dir, load_loop_config
 from loop.errors import ConditionsError
+from loop.fsutil import atomic_write_text
 from loop.logs import setup_logging
 
 if TYPE_CHECKING:  # the SQL and web stacks load only when a command needs them
@@ -33,7 +34,8 @@ def register(subparsers: Any) -> None:
     init.set_defaults(handler=cmd_init)
 
     serve = sub.add_parser("serve", help="run the HTTP service")
-    serve.add_argument("--port", type=int, default=8081)
+    serve.add_argument("--port", type=int, default=8081, help="TCP port (0: any free port)")
+    serve.add_argument("--port-file", type=Path, help="write the bound port here (for --port 0)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--read-token-required", action="store_true")
     serve.add_argument("--max-body", type=int, default=DEFAULT_MAX_BODY)
@@ -160,19 +162,25 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve until SIGTERM/SIGINT."""
+    import socket
+
     import uvicorn
 
     from loop.conddb.server import create_app
 
     setup_logging(None, "conddb", "serve")
     db = _sql(args)
+    db.create_schema()  # idempotent: an upgrade gets its new tables (upload_request)
     app = create_app(db, read_token_required=args.read_token_required, max_body_bytes=args.max_body)
-    print(f"conditions DB service on http://{args.host}:{args.port} ({db.url})", flush=True)
-    server = uvicorn.Server(
-        uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", lifespan="off")
-    )
+    # bound here, not by uvicorn, so that the port of --port 0 is known before serving
+    listener = socket.create_server((args.host, args.port))
+    port = listener.getsockname()[1]
+    if args.port_file:
+        atomic_write_text(args.port_file, f"{port}\n")
+    print(f"conditions DB service on http://{args.host}:{port} ({db.url})", flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
     signal.signal(signal.SIGTERM, lambda *_: setattr(server, "should_exit", True))
-    server.run()
+    server.run(sockets=[listener])
     return 0
 
 

@@ -1,4 +1,5 @@
-"""``calloop registry serve`` and ``calloop sim play``: the simulated experiment."""
+"""``calloop registry serve``, ``calloop sim play`` and ``calloop sim conddb-proxy``: the
+simulated experiment."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from loop.errors import ScenarioError
+from loop.errors import CalloopError, ScenarioError
 from loop.fsutil import atomic_write_text
 from loop.logs import setup_logging
+from loop.sim.faultserver import FaultServer
 from loop.sim.registry_server import RegistryServer
 from loop.sim.scenario import load_scenario, timeline
 
@@ -38,14 +40,40 @@ def register(subparsers: Any) -> None:
     play.add_argument("--dry-run", action="store_true", help="print the timeline and exit")
     play.set_defaults(handler=run_play)
 
+    proxy = sim_sub.add_parser(
+        "conddb-proxy", help="fault-injecting proxy in front of the conditions DB service"
+    )
+    proxy.add_argument("--upstream", required=True, help="conditions DB service URL")
+    proxy.add_argument("--port", type=int, default=8082, help="TCP port (0: any free port)")
+    proxy.add_argument("--host", default="127.0.0.1")
+    proxy.add_argument("--state", type=Path, default=DEFAULT_STATE, help="registry state file")
+    proxy.add_argument("--port-file", type=Path, help="write the bound port here (for --port 0)")
+    proxy.set_defaults(handler=run_proxy)
+
 
 def run_serve(args: argparse.Namespace) -> int:
-    """Serve until SIGTERM/SIGINT."""
+    """Serve the registry until SIGTERM/SIGINT."""
     setup_logging(None, "sim", "registry")
     server = RegistryServer(args.state, host=args.host, port=args.port)
+    return _serve(server, args, "run registry")
+
+
+def run_proxy(args: argparse.Namespace) -> int:
+    """Proxy the conditions DB, playing its faults, until SIGTERM/SIGINT."""
+    from loop.sim.conddb_proxy import ConddbProxy
+
+    setup_logging(None, "sim", "conddb-proxy")
+    try:
+        server = ConddbProxy(args.upstream, args.state, host=args.host, port=args.port)
+    except ValueError as exc:
+        raise CalloopError(f"--upstream: {exc}") from None
+    return _serve(server, args, f"conditions DB fault proxy to {args.upstream}")
+
+
+def _serve(server: FaultServer, args: argparse.Namespace, what: str) -> int:
     if args.port_file:
         atomic_write_text(args.port_file, f"{server.port}\n")
-    print(f"run registry listening on {server.url} (state {args.state})", flush=True)
+    print(f"{what} listening on {server.url} (state {args.state})", flush=True)
     signal.signal(signal.SIGTERM, lambda *_: server.stop())
     try:
         server.serve_forever()
@@ -60,7 +88,7 @@ def run_play(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(f"scenario {scenario.name}: {scenario.description}")
         for fault in scenario.faults:
-            print(f"{fault.start:9.2f} s  registry fault {fault.kind} for {fault.duration:g} s")
+            print(fault.describe())
         for event in timeline(scenario):
             print(event.describe())
         return 0

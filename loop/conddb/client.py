@@ -2,25 +2,46 @@
 
 ``ConditionsDB.connect(url, token=None)`` returns a :class:`ConditionsDatabase` for SQL
 URLs and an :class:`HttpConditions` for service URLs; both satisfy :class:`Conditions`.
-Over HTTP, connection errors, timeouts and 5xx answers are retried with backoff, which
-is safe because uploads are idempotent.
+
+Over HTTP every call is bounded by a :class:`~loop.callpolicy.CallPolicy` (attempts,
+per-attempt timeout, overall deadline, reply size cap). Reads and the idempotent writes
+(tag and global-tag creation, mapping) are retried after a timeout, a connection
+failure or a 5xx. An upload is not idempotent by itself and is never re-sent blindly:
+see :meth:`HttpConditions.upload`.
+
+Errors: :class:`ConditionsUnavailable` is transient (try again later, with the same
+key); :class:`NotAuthorized` needs another token; :class:`RuleRefused`,
+:class:`InvalidRequest` and :class:`NotFound` are permanent for that request.
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
+import json
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
+from urllib.parse import quote
 
 import numpy as np
 import requests
+from requests.structures import CaseInsensitiveDict
 
+from loop.callpolicy import (
+    BoundedResponse,
+    CallFailed,
+    CallPolicy,
+    ResponseTooLarge,
+    bounded_request,
+    call_with_policy,
+)
 from loop.conddb.db import (
     ConditionsDatabase,
     ConditionsUnavailable,
     InvalidRequest,
     IOVInfo,
+    NotAuthorized,
     NotFound,
     PayloadBlob,
     Resolved,
@@ -28,8 +49,11 @@ from loop.conddb.db import (
     UploadResult,
     encode_payload,
 )
+from loop.conddb.rules import RuleRefused
 from loop.errors import ConditionsError
-from loop.fsutil import retry_call
+
+T = TypeVar("T")
+DEFAULT_POLICY = CallPolicy()
 
 
 class Conditions(Protocol):
@@ -54,7 +78,10 @@ class Conditions(Protocol):
         *,
         user_text: str = "",
         input_tag: str = "",
+        key: str | None = None,
+        sequence: int | None = None,
     ) -> UploadResult: ...
+    def upload_result(self, key: str) -> UploadResult | None: ...
     def iovs(
         self, tag_name: str, *, snapshot: float | None = None, history: bool = False
     ) -> list[IOVInfo]: ...
@@ -88,27 +115,19 @@ class Conditions(Protocol):
     def close(self) -> None: ...
 
 
-class _Retry(Exception):
-    pass
-
-
 class HttpConditions:
-    """Client of ``calloop conddb serve``."""
+    """Client of ``calloop conddb serve``, every call bounded by ``policy``."""
 
     def __init__(
         self,
         url: str,
         token: str | None = None,
         *,
-        timeout_s: float = 10.0,
-        attempts: int = 3,
-        backoff_s: float = 0.5,
+        policy: CallPolicy = DEFAULT_POLICY,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.url = url.rstrip("/")
-        self.timeout_s = timeout_s
-        self.attempts = attempts
-        self.backoff_s = backoff_s
+        self.policy = policy
         self._sleep = sleep
         self._session = requests.Session()
         if token:
@@ -118,30 +137,49 @@ class HttpConditions:
         """Release pooled connections."""
         self._session.close()
 
-    def _call(self, method: str, path: str, **kwargs: Any) -> requests.Response:
-        url = f"{self.url}{path}"
-
-        def attempt() -> requests.Response:
-            try:
-                response = self._session.request(method, url, timeout=self.timeout_s, **kwargs)
-            except (requests.ConnectionError, requests.Timeout) as exc:
-                raise _Retry(f"{type(exc).__name__}: {exc}") from exc
-            if response.status_code >= 500:
-                raise _Retry(f"HTTP {response.status_code}: {response.text[:200]}")
-            return response
-
-        try:
-            response = retry_call(attempt, self.attempts, self.backoff_s, (_Retry,), self._sleep)
-        except _Retry as exc:
-            raise ConditionsUnavailable(
-                f"conditions DB {self.url} unreachable after {self.attempts} attempts ({exc})"
-            ) from None
-        if response.status_code >= 400:
-            raise _error(response)
+    def _attempt(self, method: str, path: str, timeout_s: float, **kwargs: Any) -> BoundedResponse:
+        """One request; a 5xx is a failed attempt, any other answer is returned."""
+        response = bounded_request(
+            self._session,
+            method,
+            f"{self.url}{path}",
+            timeout_s=timeout_s,
+            max_bytes=self.policy.max_bytes,
+            **kwargs,
+        )
+        if response.status_code >= 500:
+            raise CallFailed(f"HTTP {response.status_code}: {response.excerpt()}")
         return response
 
+    def _within_policy(
+        self, attempt: Callable[[float], T], what: str, policy: CallPolicy | None = None
+    ) -> T:
+        """Run ``attempt`` under the policy; its failures become conditions errors."""
+        try:
+            return call_with_policy(
+                attempt,
+                policy or self.policy,
+                what=f"conditions DB {self.url}: {what}",
+                sleep=self._sleep,
+            )
+        except ResponseTooLarge as exc:
+            raise ConditionsError(str(exc)) from None
+        except CallFailed as exc:
+            raise ConditionsUnavailable(str(exc)) from None
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> BoundedResponse:
+        """A read or an idempotent write, retried under the policy; 4xx raises."""
+        return self._within_policy(
+            lambda timeout_s: _ok(self._attempt(method, path, timeout_s, **kwargs)),
+            f"{method} {path}",
+        )
+
     def _json(self, method: str, path: str, **kwargs: Any) -> Any:
-        return self._call(method, path, **kwargs).json()
+        """:meth:`_call` for a JSON reply (an unreadable one is a failed attempt)."""
+        return self._within_policy(
+            lambda timeout_s: _decoded(_ok(self._attempt(method, path, timeout_s, **kwargs))),
+            f"{method} {path}",
+        )
 
     def create_tag(
         self,
@@ -178,20 +216,88 @@ class HttpConditions:
         *,
         user_text: str = "",
         input_tag: str = "",
+        key: str | None = None,
+        sequence: int | None = None,
     ) -> UploadResult:
-        """Upload with a CMS-style metadata record; retried safely."""
+        """Upload with a CMS-style metadata record.
+
+        A POST that timed out may still land, so it is never re-sent blindly. Without
+        a ``key`` it is sent once: any failure is :class:`ConditionsUnavailable` and the
+        caller cannot know whether it landed. With a key, after a timeout, a connection
+        failure or a 5xx the client asks the service for the key's stored outcome and
+        returns it; only a 404 for the key (nothing applied) lets the POST go again,
+        within the policy. If the service cannot tell, the outcome is unknown:
+        :class:`ConditionsUnavailable`, and a later call with the same key is safe.
+        """
         data, streamer = encode_payload(value)
+        metadata: dict[str, Any] = {
+            "destinationTags": {tag_name: {}},
+            "inputTag": input_tag,
+            "since": since,
+            "userText": user_text,
+        }
+        if key is not None:
+            metadata["idempotencyKey"] = key
+        if sequence is not None:
+            metadata["harvestSequence"] = sequence
         body = {
-            "metadata": {
-                "destinationTags": {tag_name: {}},
-                "inputTag": input_tag,
-                "since": since,
-                "userText": user_text,
-            },
+            "metadata": metadata,
             "streamer_info": streamer,
             "payload_b64": base64.b64encode(data).decode(),
         }
-        return UploadResult(**self._json("POST", "/api/v1/upload", json=body)[0])
+        if key is None:
+            return self._within_policy(
+                lambda timeout_s: self._post_upload(body, timeout_s),
+                "upload (not re-sent: no idempotency key)",
+                dataclasses.replace(self.policy, attempts=1),
+            )
+        deadline = time.monotonic() + self.policy.deadline_s
+
+        def attempt(timeout_s: float) -> UploadResult:
+            try:
+                return self._post_upload(body, timeout_s)
+            except CallFailed as failure:
+                stored = self._stored_outcome(key, failure, deadline)
+                if stored is None:
+                    raise  # the service holds nothing for the key: the POST may go again
+                return stored
+
+        return self._within_policy(attempt, f"upload {key}")
+
+    def _post_upload(self, body: dict[str, Any], timeout_s: float) -> UploadResult:
+        return _outcome(_ok(self._attempt("POST", "/api/v1/upload", timeout_s, json=body)))
+
+    def _stored_outcome(
+        self, key: str, failure: CallFailed, deadline: float
+    ) -> UploadResult | None:
+        """After a failed POST: the key's stored outcome, None on the service's 404.
+        Not knowing is :class:`ConditionsUnavailable`, which ends the upload call
+        without another POST."""
+        remaining = deadline - time.monotonic()
+        try:
+            if remaining <= 0:
+                raise ConditionsUnavailable("no time left to ask for the stored outcome")
+            return self.upload_result(
+                key, policy=dataclasses.replace(self.policy, deadline_s=remaining)
+            )
+        except ConditionsUnavailable as exc:
+            raise ConditionsUnavailable(
+                f"conditions DB {self.url}: upload {key} failed ({failure}) and its outcome "
+                f"is unknown ({exc}); retry later with the same key"
+            ) from None
+
+    def upload_result(self, key: str, *, policy: CallPolicy | None = None) -> UploadResult | None:
+        """The stored outcome of keyed upload ``key``; None if the service holds none."""
+        path = f"/api/v1/uploads/{quote(key, safe='')}"
+
+        def attempt(timeout_s: float) -> UploadResult | None:
+            response = self._attempt("GET", path, timeout_s)
+            # a 404 without the code is not the service's answer about the key
+            if response.status_code == 404 and _code(response) == "not_found":
+                return None
+            return _outcome(_ok(response))
+
+        return self._within_policy(attempt, f"GET {path}", policy)
 
     def iovs(
         self, tag_name: str, *, snapshot: float | None = None, history: bool = False
@@ -206,12 +312,13 @@ class HttpConditions:
     def payload(self, digest: str) -> PayloadBlob:
         """Payload bytes by hash."""
         response = self._call("GET", f"/api/v1/payloads/{digest}")
+        headers = CaseInsensitiveDict(response.headers)
         return PayloadBlob(
             digest,
-            response.headers["X-Object-Type"],
+            headers["X-Object-Type"],
             response.content,
-            response.headers["X-Streamer-Info"],
-            float(response.headers["X-Insertion-Time"]),
+            headers["X-Streamer-Info"],
+            float(headers["X-Insertion-Time"]),
         )
 
     def resolve(
@@ -281,16 +388,56 @@ class HttpConditions:
         return list(self._json("GET", f"/api/v1/tags/{tag_name}/log"))
 
 
-def _error(response: requests.Response) -> ConditionsError:
+def _ok(response: BoundedResponse) -> BoundedResponse:
+    """The response, unless it is a 4xx: then its conditions error."""
+    if response.status_code >= 400:
+        raise _error(response)
+    return response
+
+
+def _decoded(response: BoundedResponse) -> Any:
     try:
-        detail = response.json().get("detail", response.text)
+        return json.loads(response.content)
     except ValueError:
-        detail = response.text
+        raise CallFailed(f"unreadable JSON reply: {response.excerpt()!r}") from None
+
+
+def _outcome(response: BoundedResponse) -> UploadResult:
+    """The result in an upload's reply (a list) or a lookup's (an object). An unreadable
+    one is a failed attempt, never a verdict: the outcome is then asked for by key."""
+    body = _decoded(response)
+    try:
+        return UploadResult(**(body[0] if isinstance(body, list) else body))
+    except (TypeError, LookupError) as exc:
+        raise CallFailed(f"unreadable upload reply ({exc})") from None
+
+
+def _body(response: BoundedResponse) -> dict[str, Any]:
+    try:
+        body = json.loads(response.content)
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def _code(response: BoundedResponse) -> str:
+    """The service's error code (``not_found``, ``rule_refused``, ...), if any."""
+    return str(_body(response).get("error", ""))
+
+
+def _error(response: BoundedResponse) -> ConditionsError:
+    """The conditions error of a 4xx answer."""
+    detail = _body(response).get("detail", response.text)
     message = f"conditions DB answered HTTP {response.status_code}: {detail}"
-    if response.status_code == 404:
+    status = response.status_code
+    if status in (401, 403):
+        return NotAuthorized(message)
+    if status == 404:
         return NotFound(message)
-    if response.status_code in (400, 413, 422):
+    if status in (400, 413, 422):
         return InvalidRequest(message)
+    if status == 409 and _code(response) == "rule_refused":
+        return RuleRefused(message)
     return ConditionsError(message)
 
 
@@ -303,12 +450,13 @@ class ConditionsDB:
         token: str | None = None,
         *,
         create: bool = True,
-        timeout_s: float = 10.0,
-        attempts: int = 3,
+        policy: CallPolicy | None = None,
     ) -> Conditions:
-        """Open a connection; SQL URLs get their schema created unless ``create=False``."""
+        """Open a connection; SQL URLs get their schema created unless ``create=False``.
+        ``policy`` bounds the calls to an HTTP service (default :class:`CallPolicy`);
+        direct SQL connections have the database driver's own timeouts."""
         if url.startswith(("http://", "https://")):
-            return HttpConditions(url, token, timeout_s=timeout_s, attempts=attempts)
+            return HttpConditions(url, token, policy=policy or DEFAULT_POLICY)
         if not url.startswith(("sqlite:", "postgresql")):
             raise ConditionsError(
                 f"unsupported conditions DB URL {url!r}: use sqlite:///path, "

@@ -1,8 +1,16 @@
 """The conditions-database library: one implementation over SQLite and PostgreSQL.
 
 Writes are serialized per database (SQLite: ``BEGIN IMMEDIATE``) or per tag (PostgreSQL:
-``SELECT ... FOR UPDATE`` on the tag row), so the "already present" check of an upload
-and its insert cannot interleave with another uploader's.
+``SELECT ... FOR UPDATE`` on the tag row), so the checks of an upload (its idempotency
+key, its harvest sequence, "already present") and its insert cannot interleave with
+another uploader's.
+
+**Exactly once, in order.** An upload may carry an idempotency ``key`` and a harvest
+``sequence``. The outcome of a keyed upload is stored with it (``upload_request``) and a
+repeat of the key gets that same outcome, writing nothing: a request re-sent after a
+timeout, or one that lands after its client gave up, cannot add an IOV. For one (tag,
+requested since), an upload whose sequence is lower than one already applied is
+``superseded``: a late older harvest can never bury a newer one.
 """
 
 from __future__ import annotations
@@ -37,13 +45,19 @@ from loop.conddb.models import (
     Tag,
     TagLog,
     Token,
+    UploadRequest,
 )
 from loop.conddb.rules import decide, lumi_since
 from loop.errors import ConditionsError
+from loop.logs import get_logger
 
 NPY_STREAMER = "numpy-npy-v1"
 RAW_STREAMER = "raw-bytes"
 STREAMERS = (NPY_STREAMER, RAW_STREAMER)
+INSERTED, PRESENT, SUPERSEDED = "inserted", "already present", "superseded"
+APPLIED = (INSERTED, PRESENT)  # outcomes whose payload is (or was) the since's current one
+
+log = get_logger("calloop.conddb")
 
 
 class NotFound(ConditionsError):
@@ -56,6 +70,11 @@ class InvalidRequest(ConditionsError):
 
 class ConditionsUnavailable(ConditionsError):
     """The database or service cannot be reached now; the same call may work later."""
+
+
+class NotAuthorized(ConditionsError):
+    """The service refused the token (HTTP 401/403): neither an outage nor a verdict on
+    the upload; it can succeed once the token (or its rights) is fixed."""
 
 
 # ---------------------------------------------------------------------------- records
@@ -86,13 +105,24 @@ class IOVInfo:
 
 @dataclass(frozen=True)
 class UploadResult:
-    """What an upload did: ``inserted`` or ``already present``."""
+    """What an upload did: ``inserted``, ``already present`` or ``superseded`` (a newer
+    harvest of the since was applied first; nothing written)."""
 
     tag: str
     since: int
     payload_hash: str
     status: str
     note: str = ""
+
+
+@dataclass(frozen=True)
+class _Offer:
+    """What identifies an upload: tag, requested since, harvest sequence, payload hash."""
+
+    tag: str
+    since: int
+    sequence: int | None
+    digest: str
 
 
 @dataclass(frozen=True)
@@ -295,11 +325,16 @@ class ConditionsDatabase:
         host: str = "",
         user_text: str = "",
         input_tag: str = "",
+        key: str | None = None,
+        sequence: int | None = None,
     ) -> UploadResult:
         """Store the payload and insert an IOV under the tag's synchronization rule.
 
         Idempotent: if the current IOV at the (possibly moved) since already points at
         the same payload, nothing is written and the status is ``already present``.
+        With a ``key``, a repeat returns the first call's result and writes nothing;
+        with a ``sequence`` (which needs a key), a harvest older than one already
+        applied to the same (tag, since) is not applied: status ``superseded``.
         """
         data, streamer = encode_payload(value)
         return self.upload_encoded(
@@ -311,6 +346,8 @@ class ConditionsDatabase:
             host=host,
             user_text=user_text,
             input_tag=input_tag,
+            key=key,
+            sequence=sequence,
         )
 
     def upload_encoded(
@@ -324,58 +361,129 @@ class ConditionsDatabase:
         host: str = "",
         user_text: str = "",
         input_tag: str = "",
+        key: str | None = None,
+        sequence: int | None = None,
     ) -> UploadResult:
         """:meth:`upload` for bytes already serialized with ``streamer`` (HTTP uploads)."""
         if streamer not in STREAMERS:
             raise InvalidRequest(f"unknown streamer {streamer!r}; expected one of {STREAMERS}")
+        if sequence is not None and key is None:
+            raise InvalidRequest("a harvest sequence needs an idempotency key")
+        # One transaction from the key lookup to the insert of its outcome. PostgreSQL:
+        # the tag row's FOR UPDATE lock serializes the uploads of a tag. SQLite ignores
+        # FOR UPDATE, but the write engine begins every transaction with BEGIN
+        # IMMEDIATE, which takes the database's write lock before the first read, so no
+        # other writer runs between these checks and the insert either.
         with self._session(write=True) as session:
             tag = self._get_tag(session, tag_name, lock=True)
-            digest = payload_hash(tag.object_type, data)
-            if self._current_hash(session, tag_name, since) == digest:
-                return UploadResult(tag_name, since, digest, "already present")
-            # only the rules that need them pay for these queries (count is O(IOVs))
-            last = count = None
-            if tag.synchronization == "offline":
-                last = session.scalar(select(func.max(IOV.since)).where(IOV.tag_name == tag_name))
-            if tag.synchronization == "mc":
-                count = session.scalar(select(func.count()).where(IOV.tag_name == tag_name))
-            decision = decide(
-                tag.synchronization,
-                tag.time_type,
-                since,
-                last_since=last,
-                iov_count=count or 0,
-                fcsr_run=self._fcsr(session),
+            offer = _Offer(tag_name, since, sequence, payload_hash(tag.object_type, data))
+            if key is not None:
+                replayed = self._replay(session, key, offer)
+                if replayed is not None:
+                    return replayed
+            result = self._superseded(session, offer)
+            if result is None:
+                text = f"input={input_tag} {user_text}"
+                result = self._apply(
+                    session, tag, offer, data, streamer=streamer, audit=(user, host, text)
+                )
+            if key is not None:
+                session.add(_request_row(key, offer, result))
+            return result
+
+    def upload_result(self, key: str) -> UploadResult | None:
+        """The stored outcome of the keyed upload ``key``; None when the database holds
+        none (never received, or refused with an error)."""
+        with self._session() as session:
+            row = session.get(UploadRequest, key)
+            return None if row is None else _request_result(row)
+
+    @staticmethod
+    def _replay(session: Session, key: str, offer: _Offer) -> UploadResult | None:
+        """The stored outcome of a repeated key; a key reused for another upload is a
+        client bug, refused rather than answered with the wrong outcome."""
+        row = session.get(UploadRequest, key)
+        if row is None:
+            return None
+        if _Offer(row.tag_name, row.since, row.sequence, row.payload_hash) != offer:
+            raise InvalidRequest(
+                f"idempotency key {key!r} belongs to another upload (tag {row.tag_name}, "
+                f"since {row.since}, harvest {row.sequence}, payload {row.payload_hash[:12]})"
             )
-            if (
-                decision.since != since
-                and self._current_hash(session, tag_name, decision.since) == digest
-            ):
-                return UploadResult(
-                    tag_name, decision.since, digest, "already present", decision.note
-                )
-            now = time.time()
-            if session.get(Payload, digest) is None:
-                session.add(
-                    Payload(
-                        hash=digest,
-                        object_type=tag.object_type,
-                        data=data,
-                        size=len(data),
-                        streamer_info=streamer,
-                        insertion_time=now,
-                    )
-                )
-                session.flush()  # the IOV's foreign key needs the payload row first
-            session.add(
-                IOV(
-                    tag_name=tag_name, since=decision.since, insertion_time=now, payload_hash=digest
-                )
+        log.info("repeated upload answered from its key", key=key, status=row.status)
+        return _request_result(row)
+
+    @staticmethod
+    def _superseded(session: Session, offer: _Offer) -> UploadResult | None:
+        """A ``superseded`` result when a newer harvest of (tag, since) was applied."""
+        if offer.sequence is None:
+            return None
+        applied = session.scalar(
+            select(func.max(UploadRequest.sequence)).where(
+                UploadRequest.tag_name == offer.tag,
+                UploadRequest.since == offer.since,
+                UploadRequest.status.in_(APPLIED),
             )
-            tag.modification_time = now
-            text = f"since={decision.since} hash={digest[:12]} input={input_tag} {user_text}"
-            session.add(_log(tag_name, "upload", user or self.user, host, text.strip()))
-            return UploadResult(tag_name, decision.since, digest, "inserted", decision.note)
+        )
+        if applied is None or offer.sequence >= applied:
+            return None
+        log.info(
+            "older harvest not applied", tag=offer.tag, since=offer.since, harvest=offer.sequence
+        )
+        return UploadResult(
+            offer.tag,
+            offer.since,
+            offer.digest,
+            SUPERSEDED,
+            f"harvest {offer.sequence} is older than harvest {applied}, already applied",
+        )
+
+    def _apply(
+        self,
+        session: Session,
+        tag: Tag,
+        offer: _Offer,
+        data: bytes,
+        *,
+        streamer: str,
+        audit: tuple[str | None, str, str],
+    ) -> UploadResult:
+        """Insert the IOV under the synchronization rule, unless already present;
+        ``audit`` is the tag log's (user, host, text)."""
+        since, digest = offer.since, offer.digest
+        if self._current_hash(session, tag.name, since) == digest:
+            return UploadResult(tag.name, since, digest, PRESENT)
+        # only the rules that need them pay for these queries (count is O(IOVs))
+        last = count = None
+        if tag.synchronization == "offline":
+            last = session.scalar(select(func.max(IOV.since)).where(IOV.tag_name == tag.name))
+        if tag.synchronization == "mc":
+            count = session.scalar(select(func.count()).where(IOV.tag_name == tag.name))
+        decision = decide(
+            tag.synchronization,
+            tag.time_type,
+            since,
+            last_since=last,
+            iov_count=count or 0,
+            fcsr_run=self._fcsr(session),
+        )
+        if (
+            decision.since != since
+            and self._current_hash(session, tag.name, decision.since) == digest
+        ):
+            return UploadResult(tag.name, decision.since, digest, PRESENT, decision.note)
+        now = time.time()
+        if session.get(Payload, digest) is None:
+            session.add(_payload_row(tag, digest, data, streamer, now))
+            session.flush()  # the IOV's foreign key needs the payload row first
+        session.add(
+            IOV(tag_name=tag.name, since=decision.since, insertion_time=now, payload_hash=digest)
+        )
+        tag.modification_time = now
+        user, host, text = audit
+        text = f"since={decision.since} hash={digest[:12]} {text}"
+        session.add(_log(tag.name, "upload", user or self.user, host, text.strip()))
+        return UploadResult(tag.name, decision.since, digest, INSERTED, decision.note)
 
     @staticmethod
     def _current_hash(session: Session, tag_name: str, since: int) -> str | None:
@@ -395,14 +503,7 @@ class ConditionsDatabase:
             for since, value in rows:
                 data, streamer = encode_payload(value)
                 digest = payload_hash(tag.object_type, data)
-                payloads[digest] = Payload(
-                    hash=digest,
-                    object_type=tag.object_type,
-                    data=data,
-                    size=len(data),
-                    streamer_info=streamer,
-                    insertion_time=now,
-                )
+                payloads[digest] = _payload_row(tag, digest, data, streamer, now)
                 iovs.append(
                     {
                         "tag_name": tag_name,
@@ -688,6 +789,17 @@ def _point(time_type: str, run: int | None, ls: int | None, time_point: float | 
     return lumi_since(run, ls or 1) if time_type == "lumi" else run
 
 
+def _payload_row(tag: Tag, digest: str, data: bytes, streamer: str, now: float) -> Payload:
+    return Payload(
+        hash=digest,
+        object_type=tag.object_type,
+        data=data,
+        size=len(data),
+        streamer_info=streamer,
+        insertion_time=now,
+    )
+
+
 def _tag_info(tag: Tag) -> TagInfo:
     return TagInfo(
         tag.name,
@@ -699,6 +811,24 @@ def _tag_info(tag: Tag) -> TagInfo:
         tag.insertion_time,
         tag.modification_time,
     )
+
+
+def _request_row(key: str, offer: _Offer, result: UploadResult) -> UploadRequest:
+    return UploadRequest(
+        key=key,
+        tag_name=offer.tag,
+        since=offer.since,
+        sequence=offer.sequence,
+        result_since=result.since,
+        payload_hash=result.payload_hash,
+        status=result.status,
+        note=result.note,
+        time=time.time(),
+    )
+
+
+def _request_result(row: UploadRequest) -> UploadResult:
+    return UploadResult(row.tag_name, row.result_since, row.payload_hash, row.status, row.note)
 
 
 def _log(tag: str, action: str, user: str, host: str, text: str) -> TagLog:

@@ -3,6 +3,8 @@
 Tags hold IOVs; an IOV points at a content-addressed payload. Re-inserting a since keeps
 the older row (history); reads at a snapshot time see only rows inserted before it.
 Times are Unix seconds (float) so SQLite and PostgreSQL order them identically.
+Keyed uploads leave their outcome in ``upload_request``, which makes them idempotent
+and orders the harvests of one since.
 """
 
 from __future__ import annotations
@@ -118,3 +120,25 @@ class Setting(Base):
     __tablename__ = "setting"
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[str] = mapped_column(Text)
+
+
+class UploadRequest(Base):
+    """The outcome of one keyed upload: a repeat of the key is answered from this row.
+
+    ``since`` is the since the client asked for (the IOV's may have moved up to the
+    FCSR: ``result_since``); ``sequence`` orders the harvests that target one
+    (tag, since). ``payload_hash`` is not a foreign key: a superseded upload stores no
+    payload.
+    """
+
+    __tablename__ = "upload_request"
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    tag_name: Mapped[str] = mapped_column(ForeignKey("tag.name"))
+    since: Mapped[int] = mapped_column(BigInteger)
+    sequence: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    result_since: Mapped[int] = mapped_column(BigInteger)
+    payload_hash: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(32))
+    note: Mapped[str] = mapped_column(Text, default="")
+    time: Mapped[float] = mapped_column(Float)
+    __table_args__ = (Index("ix_upload_request_tag_since", "tag_name", "since", "sequence"),)

@@ -11,7 +11,8 @@ prompt, hlt  first run reconstruction has not yet started)
 ===========  ==========================================================================
 
 Re-uploading an identical (tag, since, payload) is detected before these rules and is
-a no-op, so retries are always safe.
+a no-op. A refusal is :class:`RuleRefused`: permanent for that (tag, since), so an
+uploader settles it instead of retrying.
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ from dataclasses import dataclass
 from loop.errors import ConditionsError
 
 MOVE_UP = ("express", "prompt", "hlt")
+
+
+class RuleRefused(ConditionsError):
+    """The tag's synchronization rule refuses the since; sending it again cannot help."""
 
 
 @dataclass(frozen=True)
@@ -51,14 +56,14 @@ def decide(
         return Decision(since)
     if synchronization == "offline":
         if last_since is not None and since <= last_since:
-            raise ConditionsError(
+            raise RuleRefused(
                 f"synchronization 'offline' accepts only a since after the last one "
                 f"({last_since}); got {since}"
             )
         return Decision(since)
     if synchronization == "mc":
         if iov_count:
-            raise ConditionsError("synchronization 'mc' takes a single IOV; the tag has one")
+            raise RuleRefused("synchronization 'mc' takes a single IOV; the tag has one")
         return Decision(since)
     if fcsr_run is None or time_type == "time":
         return Decision(since)
@@ -66,7 +71,7 @@ def decide(
     if since >= floor:
         return Decision(since)
     if synchronization == "pcl":
-        raise ConditionsError(
+        raise RuleRefused(
             f"synchronization 'pcl' refuses since {since}: below the first condition-safe "
             f"run {fcsr_run}"
         )

@@ -4,6 +4,12 @@ Reads are open unless ``read_token_required``; writes need a bearer token whose 
 patterns cover every tag the write touches. Every write lands in the tag log with the
 token's user and the client's address. Request bodies are capped; invalid input gets a
 4xx with a message, never a 500. The OpenAPI spec is served at ``/openapi.json``.
+
+An upload's metadata may carry an ``idempotencyKey`` and a ``harvestSequence`` (see
+:mod:`loop.conddb.db`); ``GET /api/v1/uploads/{key}`` answers a keyed upload's stored
+outcome, so a client whose request timed out can learn whether it landed. Error bodies
+are ``{"detail": text, "error": code}``; the code tells a synchronization-rule refusal
+(``rule_refused``, permanent) from other conflicts.
 """
 
 # No ``from __future__ import annotations`` here: FastAPI resolves the local Annotated
@@ -21,7 +27,7 @@ import uvicorn
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from loop import __version__
 from loop.conddb import DEFAULT_MAX_BODY
@@ -29,14 +35,18 @@ from loop.conddb.db import (
     NPY_STREAMER,
     STREAMERS,
     ConditionsDatabase,
+    ConditionsUnavailable,
     InvalidRequest,
     NotFound,
     as_dict,
     tag_allowed,
 )
+from loop.conddb.rules import RuleRefused
 from loop.errors import ConditionsError
 
 MAX_SINCE = 2**63 - 1
+MAX_SEQUENCE = 2**63 - 1
+KEY_PATTERN = r"^[A-Za-z0-9_.:\-]{1,200}$"  # ASCII, bounded, safe in a URL path segment
 Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.\-]{1,100}$")]
 Label = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.\-]{0,100}$")]
 Text = Annotated[str, StringConstraints(max_length=4000)]
@@ -67,6 +77,17 @@ class UploadMetadata(_Strict):
     inputTag: Text = ""
     since: int = Field(ge=0, le=MAX_SINCE)
     userText: Text = ""
+    idempotencyKey: Annotated[str, StringConstraints(pattern=KEY_PATTERN)] | None = None
+    harvestSequence: int | None = Field(None, ge=0, le=MAX_SEQUENCE)
+
+    @model_validator(mode="after")
+    def _keyed(self) -> "UploadMetadata":
+        if self.harvestSequence is not None and self.idempotencyKey is None:
+            raise ValueError("harvestSequence needs an idempotencyKey")
+        # one key, one stored outcome: a keyed upload names a single tag
+        if self.idempotencyKey is not None and len(self.destinationTags) != 1:
+            raise ValueError("an upload with an idempotencyKey names exactly one tag")
+        return self
 
 
 class UploadRequest(_Strict):
@@ -175,13 +196,21 @@ def create_app(
     return app
 
 
+# most specific first; anything else is a refused write (a conflicting definition)
+ERROR_CODES: tuple[tuple[type[ConditionsError], int, str], ...] = (
+    (NotFound, 404, "not_found"),
+    (InvalidRequest, 400, "invalid_request"),
+    (RuleRefused, 409, "rule_refused"),
+    (ConditionsUnavailable, 503, "unavailable"),
+)
+
+
 async def _conditions_error(_request: Request, exc: ConditionsError) -> JSONResponse:
-    status = 409  # a refused write (synchronization rule, conflicting definition)
-    if isinstance(exc, NotFound):
-        status = 404
-    elif isinstance(exc, InvalidRequest):
-        status = 400
-    return JSONResponse({"detail": str(exc)}, status_code=status)
+    status, code = next(
+        ((status, code) for kind, status, code in ERROR_CODES if isinstance(exc, kind)),
+        (409, "conflict"),
+    )
+    return JSONResponse({"detail": str(exc), "error": code}, status_code=status)
 
 
 def _allow(identity: tuple[str, list[str]], tags: list[str]) -> str:
@@ -258,6 +287,13 @@ def _add_read_routes(app: FastAPI, db: ConditionsDatabase, Reader: Any) -> None:
     def list_global_tags() -> list[str]:
         return db.global_tags()
 
+    @app.get("/api/v1/uploads/{key}", dependencies=[Reader])
+    def get_upload(key: Annotated[str, Path(pattern=KEY_PATTERN)]) -> dict[str, Any]:
+        result = db.upload_result(key)
+        if result is None:
+            raise NotFound(f"no upload with key {key!r}")
+        return as_dict(result)
+
     @app.get("/api/v1/globaltags/{name}", dependencies=[Reader])
     def get_global_tag(name: PathName) -> dict[str, Any]:
         return db.global_tag(name)
@@ -297,6 +333,8 @@ def _add_write_routes(app: FastAPI, db: ConditionsDatabase, Writer: Any) -> None
                     host=_client(request),
                     user_text=body.metadata.userText,
                     input_tag=body.metadata.inputTag,
+                    key=body.metadata.idempotencyKey,
+                    sequence=body.metadata.harvestSequence,
                 )
             )
             for tag in tags

@@ -81,6 +81,7 @@ class Player:
             save_truth(stream, truth)
         self.state.faults = [
             {
+                "target": f.target,
                 "kind": f.kind,
                 "start": self.real_time(f.start),
                 "end": self.real_time(f.start + f.duration),

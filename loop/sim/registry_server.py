@@ -5,21 +5,21 @@ Serves the subset of the JSON:API that :mod:`loop.registry` uses, with filters
 ``page[offset]/page[limit]`` paging. Faults scheduled in the state file are played for
 real: ``refuse`` closes the listening socket (connection refused), ``timeout`` holds the
 request open, ``http_error`` answers with the configured status, ``malformed`` sends
-truncated JSON and ``bad_schema`` sends valid JSON of the wrong shape.
+truncated JSON and ``bad_schema`` sends valid JSON of the wrong shape. Faults aimed at
+the conditions DB are not the registry's and are ignored here.
 """
 
 from __future__ import annotations
 
 import json
-import threading
 import time
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from loop.logs import get_logger
+from loop.sim.faultserver import FaultServer
 from loop.sim.state import StateFileCache, now
 
 log = get_logger("calloop.sim.registry")
@@ -81,10 +81,20 @@ def apply_query(items: list[dict[str, Any]], params: list[tuple[str, str]]) -> l
         attr = sort.lstrip("-")
         items = sorted(
             items,
-            key=lambda item: (item.get(attr) is None, item.get(attr)),
+            key=lambda item: _sort_key(item.get(attr)),
             reverse=sort.startswith("-"),
         )
     return items[offset : offset + limit]
+
+
+def _sort_key(value: Any) -> tuple[int, Any]:
+    """Numbers, then text, then missing values: a registry with a record of the wrong
+    type (a fault test) still answers, like a real database would."""
+    if value is None:
+        return 2, 0
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return 0, value
+    return 1, str(value)
 
 
 def _resources(kind: str, items: list[dict[str, Any]], id_key: str) -> list[dict[str, Any]]:
@@ -98,7 +108,7 @@ class RegistryHandler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         state = self.server.cache.get()
-        fault = state.active_fault(now())
+        fault = state.active_fault(now(), "registry")
         if fault and self._play_fault(fault):
             return
         url = urlsplit(self.path)
@@ -165,57 +175,12 @@ class RegistryHTTPServer(ThreadingHTTPServer):
         super().__init__(address, RegistryHandler)
 
 
-class RegistryServer:
-    """Runs the HTTP server and plays ``refuse`` faults by closing the listening socket."""
+class RegistryServer(FaultServer):
+    """The registry: serves the state file and plays its faults (``refuse`` by closing
+    the listening socket, see :class:`~loop.sim.faultserver.FaultServer`)."""
 
-    def __init__(self, state_file: Path, host: str = "127.0.0.1", port: int = 0) -> None:
-        self.cache = StateFileCache(state_file)
-        self.host = host
-        self._http: RegistryHTTPServer | None = RegistryHTTPServer((host, port), self.cache)
-        self.port = self._http.server_address[1]
-        self._thread: threading.Thread | None = None
-        self._background: threading.Thread | None = None
-        self._stop = threading.Event()
+    target = "registry"
 
-    @property
-    def url(self) -> str:
-        """Base URL clients use."""
-        return f"http://{self.host}:{self.port}"
-
-    def serve_forever(self, check_every_s: float = 0.05) -> None:
-        """Serve until :meth:`stop`; open and close the socket as refuse faults demand."""
-        while not self._stop.is_set():
-            fault = self.cache.get().active_fault(now())
-            refusing = fault is not None and fault["kind"] == "refuse"
-            if refusing and self._http is not None:
-                self._close_http()
-                log.info("refusing connections (fault)", until=fault["end"] if fault else None)
-            elif not refusing and self._http is None:
-                self._http = RegistryHTTPServer((self.host, self.port), self.cache)
-                log.info("accepting connections again")
-            if self._http is not None and self._thread is None:
-                self._thread = threading.Thread(target=self._http.serve_forever, daemon=True)
-                self._thread.start()
-            self._stop.wait(check_every_s)
-        self._close_http()
-
-    def _close_http(self) -> None:
-        if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
-            self._http = None
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
-
-    def start_background(self) -> RegistryServer:
-        """Serve from a background thread (tests, the demo); returns self."""
-        self._background = threading.Thread(target=self.serve_forever, daemon=True)
-        self._background.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop serving and release the port."""
-        self._stop.set()
-        if self._background is not None:
-            self._background.join(timeout=10)
+    def new_http(self, address: tuple[str, int]) -> ThreadingHTTPServer:
+        """A registry HTTP server on ``address``."""
+        return RegistryHTTPServer(address, self.cache)

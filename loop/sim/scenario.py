@@ -1,4 +1,5 @@
-"""Simulation scenarios: a YAML timeline of runs and registry faults.
+"""Simulation scenarios: a YAML timeline of runs, and faults of the registry and of the
+conditions DB.
 
 Times are in *scenario seconds* from the start of play; ``calloop sim play --speed S``
 plays them S times faster than real time. The timeline is pure data, built and checked
@@ -17,7 +18,14 @@ from pydantic import Field, model_validator
 from loop.config import StrictModel, read_yaml, validate_model
 from loop.errors import ConfigError, ScenarioError
 
-FaultKind = Literal["refuse", "timeout", "http_error", "malformed", "bad_schema"]
+FaultTarget = Literal["registry", "conddb"]
+FaultKind = Literal["refuse", "timeout", "hang", "http_error", "auth", "malformed", "bad_schema"]
+FAULT_KINDS: dict[str, tuple[str, ...]] = {
+    # the registry server plays these (loop/sim/registry_server.py)
+    "registry": ("refuse", "timeout", "http_error", "malformed", "bad_schema"),
+    # the fault proxy in front of the conditions DB plays these (loop/sim/conddb_proxy.py)
+    "conddb": ("refuse", "timeout", "hang", "http_error", "auth"),
+}
 
 
 class DetectorSpec(StrictModel):
@@ -62,12 +70,28 @@ class RunSpec(StrictModel):
 
 
 class FaultSpec(StrictModel):
-    """A registry fault active in ``[start, start + duration)``."""
+    """A fault of the registry or the conditions DB, active in ``[start, start + duration)``."""
 
+    target: FaultTarget = "registry"
     kind: FaultKind
     start: float = Field(ge=0)
     duration: float = Field(gt=0)
     status: int = Field(503, ge=400, le=599)
+
+    @model_validator(mode="after")
+    def _kind_of_target(self) -> FaultSpec:
+        if self.kind not in FAULT_KINDS[self.target]:
+            raise ValueError(
+                f"{self.target} faults are {', '.join(FAULT_KINDS[self.target])}; got {self.kind!r}"
+            )
+        return self
+
+    def describe(self) -> str:
+        """A line for ``--dry-run``."""
+        status = f" (HTTP {self.status})" if self.kind == "http_error" else ""
+        return (
+            f"{self.start:9.2f} s  {self.target} fault {self.kind}{status} for {self.duration:g} s"
+        )
 
 
 class Scenario(StrictModel):
@@ -105,6 +129,10 @@ class Scenario(StrictModel):
     def detectors_of(self, run: RunSpec) -> list[str]:
         """Detectors taking data in ``run``."""
         return run.detectors if run.detectors is not None else list(self.detectors)
+
+    def faults_of(self, target: str) -> list[FaultSpec]:
+        """The faults aimed at ``target`` (``registry`` or ``conddb``)."""
+        return [fault for fault in self.faults if fault.target == target]
 
 
 def load_scenario(path: Path) -> Scenario:

@@ -5,7 +5,11 @@ be separate processes (as the registry and the detector are at an experiment)::
 
     {"runs": {"<run>": {run attributes}},
      "lumisections": {"<run>": [{lumisection attributes}, ...]},
-     "faults": [{"kind": ..., "start": unix, "end": unix, "status": 503}]}
+     "faults": [{"target": "registry", "kind": ..., "start": unix, "end": unix,
+                 "status": 503}]}
+
+A fault's ``target`` is the service that plays it: the registry server, or the
+conditions-DB fault proxy (``conddb``); a fault without one is the registry's.
 """
 
 from __future__ import annotations
@@ -42,10 +46,10 @@ class RegistryState:
         data = json.loads(path.read_text())
         return cls(data.get("runs", {}), data.get("lumisections", {}), data.get("faults", []))
 
-    def active_fault(self, now: float) -> dict[str, Any] | None:
-        """The fault whose window contains ``now``, if any."""
+    def active_fault(self, now: float, target: str = "registry") -> dict[str, Any] | None:
+        """The fault aimed at ``target`` whose window contains ``now``, if any."""
         for fault in self.faults:
-            if fault["start"] <= now < fault["end"]:
+            if fault.get("target", "registry") == target and fault["start"] <= now < fault["end"]:
                 return fault
         return None
 

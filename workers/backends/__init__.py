@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from loop.config import CalibrationConfig, LoopConfig
-from workers.backends.base import Backend
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the wrapper imports this package in every job: keep it light
+    from loop.config import CalibrationConfig, LoopConfig
+    from workers.backends.base import Backend
 
 
 def make_backend(loop_config: LoopConfig, calibration: CalibrationConfig) -> Backend:

@@ -72,11 +72,15 @@ class JobSpec:
 
 @dataclass(frozen=True)
 class JobStatus:
-    """A job's state and, once finished, its exit code."""
+    """A job's state and, once finished, its exit code; while it runs, for how long
+    (on a clock the wall clock cannot move, None when the backend cannot tell) and
+    whether its processes are stopped."""
 
     state: JobState
     exit_code: int | None = None
     detail: str = ""
+    elapsed_s: float | None = None
+    stopped: bool = False
 
 
 class Backend(Protocol):
@@ -95,6 +99,11 @@ class Backend(Protocol):
 
     def cancel(self, backend_id: str) -> None:
         """Ask the job to stop."""
+        ...
+
+    def kill(self, backend_id: str, spec: JobSpec) -> None:
+        """Stop the attempt and everything it started now, stopped processes included,
+        without waiting for the wrapper to record anything (the daemon's deadline)."""
         ...
 
     def find(self, spec: JobSpec) -> str | None:

@@ -2,7 +2,8 @@
 
 Each job is ``workers.wrapper`` in its own session (so it survives a daemon restart and
 can be re-adopted), stdout/stderr go to the job directory, and the backend id
-``local:<pid>:<start ticks>`` identifies the process even if its pid is later reused.
+``local:<pid>:<start ticks>`` identifies the process even if its pid is later reused; the
+start ticks also give the attempt's run time (:mod:`workers.backends.procfs`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import sys
 from pathlib import Path
 
 from loop.errors import JobError
+from workers.backends import procfs
 from workers.backends.base import (
     JobSpec,
     JobState,
@@ -24,21 +26,42 @@ from workers.backends.base import (
 )
 
 
-def _start_ticks(pid: int) -> int | None:
-    """The process start time from /proc (None when the process is gone or a zombie)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat.rsplit(")", 1)[1].split()
-    if fields[0] == "Z":  # exited, not yet reaped by its parent
-        return None
-    return int(fields[19])  # field 22 of stat; the first two fields precede ")"
-
-
-def _alive(backend_id: str) -> bool:
+def _wrapper(backend_id: str) -> procfs.ProcStat | None:
+    """The job's wrapper process while it runs (None once it exited or vanished)."""
     _, pid, ticks = backend_id.split(":")
-    return _start_ticks(int(pid)) == int(ticks)
+    return procfs.live(int(pid), int(ticks))
+
+
+def _payload_group(spec: JobSpec) -> tuple[int, int | None] | None:
+    """(process group, leader start ticks) of the payload, from the wrapper's started file."""
+    try:
+        record = json.loads(started_path(spec).read_text())
+        return int(record["payload_pgid"]), record["payload_start_ticks"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # not started yet, or started by a wrapper that did not record it
+
+
+def _running(wrapper: procfs.ProcStat, spec: JobSpec) -> JobStatus:
+    """A running attempt: its run time, and which of its processes are stopped."""
+    group = _payload_group(spec)
+    payload = procfs.live(*group) if group is not None else None
+    stopped = [
+        f"{name} pid {proc.pid}"
+        for name, proc in (("wrapper", wrapper), ("payload", payload))
+        if proc is not None and proc.stopped
+    ]
+    return JobStatus(
+        JobState.RUNNING,
+        elapsed_s=wrapper.age_s,
+        stopped=bool(stopped),
+        detail=f"stopped: {', '.join(stopped)}" if stopped else "",
+    )
+
+
+def _kill_payload(spec: JobSpec) -> None:
+    group = _payload_group(spec)
+    if group is not None:
+        procfs.kill_group(*group)
 
 
 class LocalBackend:
@@ -68,27 +91,30 @@ class LocalBackend:
                 )
         except OSError as exc:
             raise JobError(f"job {spec.key}: cannot start {spec.argv[0]!r}: {exc}") from exc
-        ticks = _start_ticks(child.pid)
-        backend_id = f"local:{child.pid}:{ticks if ticks is not None else 0}"
+        proc = procfs.stat(child.pid)  # our child, not reaped: readable even if it ended
+        backend_id = f"local:{child.pid}:{proc.start_ticks if proc is not None else 0}"
         self._children[backend_id] = child
         return backend_id
 
     def poll(self, jobs: dict[str, JobSpec]) -> dict[str, JobStatus]:
         """Exit-status files first; then whether the process still lives."""
-        result = {}
-        for backend_id, spec in jobs.items():
-            status = read_exit_status(spec)
-            if status is not None:
-                self._reap(backend_id, wait_s=5.0)  # the wrapper exits right after writing
-                result[backend_id] = status
-            elif _alive(backend_id):
-                result[backend_id] = JobStatus(JobState.RUNNING)
-            else:
-                self._reap(backend_id, wait_s=0.0)
-                result[backend_id] = JobStatus(
-                    JobState.LOST, None, f"process gone without an exit status in {spec.job_dir}"
-                )
-        return result
+        return {backend_id: self._status(backend_id, spec) for backend_id, spec in jobs.items()}
+
+    def _status(self, backend_id: str, spec: JobSpec) -> JobStatus:
+        # the process is looked at before the file: a wrapper that ends in between has
+        # written it, so an attempt is never taken for lost just as it finishes
+        wrapper = _wrapper(backend_id)
+        status = read_exit_status(spec)
+        if status is not None:
+            self._reap(backend_id, wait_s=5.0)  # the wrapper exits right after writing
+            return status
+        if wrapper is not None:
+            return _running(wrapper, spec)
+        self._reap(backend_id, wait_s=0.0)
+        _kill_payload(spec)  # what the payload started must not outlive the attempt
+        return JobStatus(
+            JobState.LOST, None, f"process gone without an exit status in {spec.job_dir}"
+        )
 
     def _reap(self, backend_id: str, wait_s: float) -> None:
         """Collect our own child's exit status so no zombie is left behind."""
@@ -114,9 +140,17 @@ class LocalBackend:
 
     def cancel(self, backend_id: str) -> None:
         """SIGTERM the wrapper, which kills its payload and records the cancellation."""
-        _, pid, _ = backend_id.split(":")
-        if _alive(backend_id):
-            os.kill(int(pid), signal.SIGTERM)
+        wrapper = _wrapper(backend_id)
+        if wrapper is not None:
+            os.kill(wrapper.pid, signal.SIGTERM)
+
+    def kill(self, backend_id: str, spec: JobSpec) -> None:
+        """SIGKILL the wrapper's group, then what is left of the payload's (the kernel
+        kills the payload itself with the wrapper), stopped processes included."""
+        _, pid, ticks = backend_id.split(":")
+        procfs.kill_group(int(pid), int(ticks))  # the wrapper leads its own session
+        _kill_payload(spec)
+        self._reap(backend_id, wait_s=5.0)
 
     def find(self, spec: JobSpec) -> str | None:
         """A wrapper already started for this attempt: from its started file, or, if it
@@ -128,10 +162,10 @@ class LocalBackend:
             pid = _find_process(spec)
         if pid is None:
             return None
-        ticks = _start_ticks(pid)
-        if ticks is None and read_exit_status(spec) is None:
+        proc = procfs.stat(pid)
+        if (proc is None or proc.zombie) and read_exit_status(spec) is None:
             return None
-        return f"local:{pid}:{ticks or 0}"
+        return f"local:{pid}:{proc.start_ticks if proc is not None else 0}"
 
 
 def _find_process(spec: JobSpec) -> int | None:

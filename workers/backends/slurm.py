@@ -1,13 +1,14 @@
-"""The Slurm backend: ``sbatch`` to submit, one ``squeue`` per poll for all jobs,
-``sacct`` (``-c``, the job-completion record, when accounting is off) for finished ones,
-``scancel`` to cancel.
+"""The Slurm backend: ``sbatch`` to submit, one ``squeue`` per poll for all jobs (state
+and run time), ``sacct`` (``-c``, the job-completion record, when accounting is off) for
+finished ones, ``scancel`` to cancel or kill.
 
 Each attempt gets a batch script in its job directory (``submit.<attempt>.sh``, the
 wrapper's argv quoted with :func:`shlex.quote`, so config data never reaches a shell
 unquoted) and its stdout/stderr there too. A job that left the queue without any record
 is resolved from the wrapper's exit-status file after a grace period. An unreachable
 controller raises :class:`~workers.backends.base.BackendUnavailable`: the daemon waits
-and retries, jobs keep their state.
+and retries, jobs keep their state. Every command runs with a timeout
+(``jobs.slurm.command_timeout_s``) and has its exit code checked.
 """
 
 from __future__ import annotations
@@ -69,6 +70,18 @@ def slurm_state(text: str) -> JobState:
     return STATES.get(text.split(maxsplit=1)[0].rstrip("+") if text else "", JobState.FAILED)
 
 
+def parse_elapsed(text: str) -> float | None:
+    """squeue's run time (``%M``: ``M:SS``, ``H:MM:SS``, ``D-HH:MM:SS``) in seconds."""
+    days, _, clock = text.rpartition("-")
+    parts = clock.split(":")
+    if not (days or "0").isdigit() or not all(p.isdigit() for p in parts) or len(parts) > 3:
+        return None  # e.g. INVALID
+    seconds = 0
+    for part in parts:
+        seconds = seconds * 60 + int(part)
+    return float(int(days or 0) * 86400 + seconds)
+
+
 def parse_exit_code(text: str) -> int | None:
     """``3:0`` -> 3; a signal ``0:9`` -> 128 + 9."""
     code, _, sig = text.partition(":")
@@ -91,6 +104,13 @@ class SlurmBackend:
         self._missing_since: dict[str, float] = {}
 
     # ------------------------------------------------------------------ commands
+
+    def _checked(self, argv: list[str]) -> subprocess.CompletedProcess[str]:
+        """:meth:`_run`, where any failure means Slurm cannot answer now."""
+        result = self._run(argv)
+        if result.returncode != 0:
+            raise BackendUnavailable(f"{argv[0]} failed: {result.stderr.strip()}")
+        return result
 
     def _run(self, argv: list[str]) -> subprocess.CompletedProcess[str]:
         try:
@@ -169,7 +189,11 @@ class SlurmBackend:
         )
 
     def poll(self, jobs: dict[str, JobSpec]) -> dict[str, JobStatus]:
-        """One squeue for all; one sacct -c for those that left the queue."""
+        """One squeue for all; one sacct -c for those that left the queue.
+
+        A running job's ``elapsed_s`` is the run time squeue reports: counted by the
+        controller from the job's start, so neither time in the queue nor a clock jump
+        here adds to it (nor does time suspended by an administrator)."""
         if not jobs:
             return {}
         queued = self._squeue()
@@ -178,7 +202,7 @@ class SlurmBackend:
         for job_id in jobs:
             if job_id in queued:
                 self._missing_since.pop(job_id, None)
-                result[job_id] = JobStatus(queued[job_id])
+                result[job_id] = queued[job_id]
         records = self._sacct(gone) if gone else {}
         now = self._clock()
         for job_id in gone:
@@ -207,15 +231,14 @@ class SlurmBackend:
         detail = f"Slurm state {state.value}, exit code {code}"
         return JobStatus(state, code, detail)
 
-    def _squeue(self) -> dict[str, JobState]:
-        result = self._run(["squeue", "-h", "-o", "%i|%T", "-u", _user()])
-        if result.returncode != 0:
-            raise BackendUnavailable(f"squeue failed: {result.stderr.strip()}")
+    def _squeue(self) -> dict[str, JobStatus]:
+        result = self._checked(["squeue", "-h", "-o", "%i|%T|%M", "-u", _user()])
         queued = {}
         for line in result.stdout.splitlines():
-            job_id, _, state = line.strip().partition("|")
+            job_id, _, rest = line.strip().partition("|")
+            state, _, elapsed = rest.partition("|")
             if job_id:
-                queued[job_id] = slurm_state(state)
+                queued[job_id] = _queued(state, elapsed)
         return queued
 
     def _sacct(self, job_ids: list[str]) -> dict[str, tuple[JobState, int | None]]:
@@ -237,20 +260,39 @@ class SlurmBackend:
         if result.returncode != 0:
             raise JobError(f"scancel {backend_id} failed: {result.stderr.strip()}")
 
+    def kill(self, backend_id: str, spec: JobSpec) -> None:
+        """``scancel``: Slurm itself ends every process of the job, stopped ones too
+        (SIGCONT and SIGTERM, then SIGKILL after the cluster's KillWait)."""
+        self.cancel(backend_id)
+
     def find(self, spec: JobSpec) -> str | None:
         """A job already submitted under this attempt's name (restart after a crash)."""
-        result = self._run(["squeue", "-h", "-o", "%i", f"--name={spec.key}", "-u", _user()])
-        ids = result.stdout.split() if result.returncode == 0 else []
+        # a failing squeue must not read as "not submitted": that would run the job twice
+        queued = self._checked(["squeue", "-h", "-o", "%i", f"--name={spec.key}", "-u", _user()])
+        ids = queued.stdout.split()
         if ids:
             return ids[-1]
         # sacct -c ignores --name: filter the job-completion records here
         done = self._run(["sacct", "-c", "-n", "-P", "-o", "JobID,JobName"])
+        if done.returncode != 0:
+            return None  # no longer queued, so resubmitting repeats work but never doubles it
         finished = [
             line.split("|")[0]
             for line in done.stdout.splitlines()
             if line.partition("|")[2] == spec.key
         ]
         return finished[-1] if finished and read_exit_status(spec) is not None else None
+
+
+def _queued(state: str, elapsed: str) -> JobStatus:
+    """A job squeue lists; a suspended one is stopped (and so is its run time)."""
+    suspended = state == "SUSPENDED"
+    return JobStatus(
+        slurm_state(state),
+        elapsed_s=parse_elapsed(elapsed),
+        stopped=suspended,
+        detail="suspended by Slurm, which stops its run time too" if suspended else "",
+    )
 
 
 def _user() -> str:

@@ -1,0 +1,77 @@
+"""Blocking service calls off the daemon's loop.
+
+A registry poll or a conditions-DB upload may take its whole call deadline (see
+:mod:`loop.callpolicy`); made inside a cycle, that delays every run's file processing
+and the answer to SIGTERM. A :class:`BackgroundCall` runs one such call at a time on
+its own daemon thread: the loop starts a call when none is in flight and collects the
+outcome on a later cycle, never waiting. The thread is a daemon thread, so a call stuck
+in a hung service never holds the process at exit.
+
+The loop keeps every journal write to itself: the callable given to :meth:`start` talks
+to the service only, and its result is applied by the loop.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Outcome(Generic[T]):
+    """What a finished call returned or raised."""
+
+    value: T | None = None
+    error: Exception | None = None
+
+
+class BackgroundCall(Generic[T]):
+    """One call at a time on a dedicated daemon thread (the same thread every time, so
+    a client object with thread affinity stays on one thread)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._requests: queue.SimpleQueue[Callable[[], T]] = queue.SimpleQueue()
+        self._outcome: Outcome[T] | None = None
+        self._busy = False
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._thread.start()
+
+    @property
+    def busy(self) -> bool:
+        """A call is in flight, or its outcome was not collected yet."""
+        with self._lock:
+            return self._busy
+
+    def start(self, call: Callable[[], T]) -> bool:
+        """Start ``call`` unless one is in flight; True if it was started."""
+        with self._lock:
+            if self._busy:
+                return False
+            self._busy = True
+        self._requests.put(call)
+        return True
+
+    def collect(self) -> Outcome[T] | None:
+        """The outcome of the finished call, once; None while it runs or if none ran."""
+        with self._lock:
+            outcome, self._outcome = self._outcome, None
+            if outcome is not None:
+                self._busy = False
+            return outcome
+
+    def _serve(self) -> None:
+        while True:
+            call = self._requests.get()
+            try:
+                outcome: Outcome[T] = Outcome(value=call())
+            except Exception as exc:  # handed to the loop, which logs it with context
+                outcome = Outcome(error=exc)
+            with self._lock:
+                self._outcome = outcome
