@@ -36,7 +36,9 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
     admin.create_schema()
     if request.param == "http":
         service = ServiceThread(create_app(admin)).start()
-        client = ConditionsDB.connect(service.url, admin.create_token("tester", ["*"]))
+        client = ConditionsDB.connect(
+            service.url, admin.create_token("tester", ["*"], role="admin")
+        )
         yield Backend("http", client, admin)
         client.close()
         service.stop()

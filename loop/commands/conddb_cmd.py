@@ -1,4 +1,8 @@
-"""``calloop conddb ...``: create, serve, inspect and write a conditions database."""
+"""``calloop conddb ...``: create, serve, inspect and write a conditions database.
+
+Nothing here prints a database password or a token's secret, except ``token create``,
+which prints the new token once (:mod:`loop.redact`).
+"""
 
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from loop.config import default_config_dir, load_loop_config
 from loop.errors import ConditionsError
 from loop.fsutil import atomic_write_text
 from loop.logs import setup_logging
+from loop.redact import redact_url
 
 if TYPE_CHECKING:  # the SQL and web stacks load only when a command needs them
     from loop.conddb.client import Conditions
@@ -25,7 +30,11 @@ def register(subparsers: Any) -> None:
     """Add the ``conddb`` group."""
     group = subparsers.add_parser("conddb", help="conditions database (library, service, client)")
     group.add_argument("--db", help="sqlite:///..., postgresql+psycopg://... or http(s)://...")
-    group.add_argument("--token", help="bearer token for writes (or $CALLOOP_CONDDB_TOKEN)")
+    group.add_argument(
+        "--token",
+        help="bearer token for writes; prefer $CALLOOP_CONDDB_TOKEN (arguments are visible "
+        "to every user of the machine)",
+    )
     group.add_argument("--config", type=Path, help="loop.yaml to take conddb_url from")
     sub = group.add_subparsers(dest="conddb_command", required=True, metavar="ACTION")
 
@@ -52,6 +61,12 @@ def _register_tokens(sub: Any) -> None:
     create = token_sub.add_parser("create", help="create a token and print it once")
     create.add_argument("--user", required=True)
     create.add_argument("--tags", required=True, help="comma-separated patterns, e.g. 'Ecal*'")
+    create.add_argument(
+        "--role",
+        choices=["uploader", "admin"],
+        default="uploader",
+        help="uploader: its tags only; admin: also create and edit global tags",
+    )
     create.set_defaults(handler=cmd_token_create)
     ls = token_sub.add_parser("ls", help="list tokens (without secrets)")
     add_json_flag(ls)
@@ -84,6 +99,12 @@ def _register_reads(sub: Any) -> None:
     resolve.add_argument("--time", type=float)
     add_json_flag(resolve)
     resolve.set_defaults(handler=cmd_resolve)
+    log = sub.add_parser("log", help="audit log of a tag or a global tag")
+    which = log.add_mutually_exclusive_group(required=True)
+    which.add_argument("--tag")
+    which.add_argument("--global-tag")
+    add_json_flag(log)
+    log.set_defaults(handler=cmd_log)
     payload = sub.add_parser("payload", help="show or save a payload by hash")
     payload.add_argument("hash")
     payload.add_argument("--out", type=Path)
@@ -99,7 +120,7 @@ def _register_writes(sub: Any) -> None:
     create.add_argument("--synchronization", default="any")
     create.add_argument("--description", default="")
     create.set_defaults(handler=cmd_create_tag)
-    upload = sub.add_parser("upload", help="upload a .npy array as a new IOV")
+    upload = sub.add_parser("upload", help="upload a .npy array (not .npz) as a new IOV")
     upload.add_argument("tag")
     upload.add_argument("file", type=Path)
     upload.add_argument("--since", type=int, required=True)
@@ -141,7 +162,7 @@ def _sql(args: argparse.Namespace) -> ConditionsDatabase:
 
     url = _url(args)
     if url.startswith("http"):
-        raise ConditionsError(f"this command needs direct database access, not {url}")
+        raise ConditionsError(f"this command needs direct database access, not {redact_url(url)}")
     return ConditionsDatabase(url)
 
 
@@ -186,7 +207,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_token_create(args: argparse.Namespace) -> int:
     """Create a token."""
-    token = _sql(args).create_token(args.user, args.tags.split(","))
+    token = _sql(args).create_token(args.user, args.tags.split(","), role=args.role)
     print(token)
     return 0
 
@@ -199,7 +220,8 @@ def cmd_token_ls(args: argparse.Namespace) -> int:
         rows,
         lambda: (
             "\n".join(
-                f"{r['id']:>4}  {r['user']:<12} {r['tags']:<30} {when(r['created'])}"
+                f"{r['id']:>4}  {r['user']:<12} {r['role']:<8} {r['tags']:<30} "
+                f"{when(r['created'])}"
                 f"{'  REVOKED' if r['revoked'] else ''}"
                 for r in rows
             )
@@ -267,6 +289,29 @@ def cmd_resolve(args: argparse.Namespace) -> int:
     return emit(args, data, lambda: "\n".join(f"{k}: {v}" for k, v in data.items()))
 
 
+def cmd_log(args: argparse.Namespace) -> int:
+    """Show the audit log of a tag or a global tag."""
+    conditions = _connect(args)
+    if args.tag:
+        entries = conditions.taglog(args.tag)
+    else:
+        entries = conditions.global_tag_log(args.global_tag)
+    return emit(
+        args,
+        entries,
+        lambda: (
+            "\n".join(
+                f"{when(e['time'])}  {e['user']:<12} {e['action']:<10} "
+                + "  ".join(
+                    f"{field}: {e[field]}" for field in ("before", "after", "text") if e[field]
+                )
+                for e in entries
+            )
+            or "(no entries)"
+        ),
+    )
+
+
 def cmd_payload(args: argparse.Namespace) -> int:
     """Show or save a payload."""
     blob = _connect(args).payload(args.hash)
@@ -300,12 +345,14 @@ def cmd_create_tag(args: argparse.Namespace) -> int:
 
 def cmd_upload(args: argparse.Namespace) -> int:
     """Upload an array."""
-    import numpy as np
+    from loop.conddb.npy import load_npy
 
     try:
-        array = np.load(args.file, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise ConditionsError(f"cannot read {args.file}: {exc}") from None
+        array = load_npy(args.file.read_bytes())
+    except OSError as exc:
+        raise ConditionsError(f"cannot read {args.file}: {exc.strerror}") from None
+    except ConditionsError as exc:
+        raise ConditionsError(f"{args.file}: {exc}") from None
     result = _connect(args).upload(
         args.tag, args.since, array, user_text=args.user_text, input_tag=args.input_tag
     )

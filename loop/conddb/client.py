@@ -9,6 +9,9 @@ per-attempt timeout, overall deadline, reply size cap). Reads and the idempotent
 failure or a 5xx. An upload is not idempotent by itself and is never re-sent blindly:
 see :meth:`HttpConditions.upload`.
 
+Listings (tags, IOVs, logs, global tags) come from the service in pages; without a
+``limit`` the client reads page after page until the last.
+
 Errors: :class:`ConditionsUnavailable` is transient (try again later, with the same
 key); :class:`NotAuthorized` needs another token; :class:`RuleRefused`,
 :class:`InvalidRequest` and :class:`NotFound` are permanent for that request.
@@ -51,9 +54,11 @@ from loop.conddb.db import (
 )
 from loop.conddb.rules import RuleRefused
 from loop.errors import ConditionsError
+from loop.redact import redact, redact_url
 
 T = TypeVar("T")
 DEFAULT_POLICY = CallPolicy()
+PAGE_SIZE = 1000  # rows per listing request; the service allows up to its MAX_PAGE
 
 
 class Conditions(Protocol):
@@ -69,7 +74,7 @@ class Conditions(Protocol):
         description: str = "",
     ) -> TagInfo: ...
     def tag(self, name: str) -> TagInfo: ...
-    def tags(self) -> list[TagInfo]: ...
+    def tags(self, *, limit: int | None = None, offset: int = 0) -> list[TagInfo]: ...
     def upload(
         self,
         tag_name: str,
@@ -83,7 +88,13 @@ class Conditions(Protocol):
     ) -> UploadResult: ...
     def upload_result(self, key: str) -> UploadResult | None: ...
     def iovs(
-        self, tag_name: str, *, snapshot: float | None = None, history: bool = False
+        self,
+        tag_name: str,
+        *,
+        snapshot: float | None = None,
+        history: bool = False,
+        limit: int | None = None,
+        offset: int = 0,
     ) -> list[IOVInfo]: ...
     def payload(self, digest: str) -> PayloadBlob: ...
     def resolve(
@@ -110,8 +121,13 @@ class Conditions(Protocol):
         self, name: str, record: str, label: str, tag_name: str
     ) -> dict[str, Any]: ...
     def global_tag(self, name: str) -> dict[str, Any]: ...
-    def global_tags(self) -> list[str]: ...
-    def taglog(self, tag_name: str) -> list[dict[str, Any]]: ...
+    def global_tags(self, *, limit: int | None = None, offset: int = 0) -> list[str]: ...
+    def taglog(
+        self, tag_name: str, *, limit: int | None = None, offset: int = 0
+    ) -> list[dict[str, Any]]: ...
+    def global_tag_log(
+        self, name: str, *, limit: int | None = None, offset: int = 0
+    ) -> list[dict[str, Any]]: ...
     def close(self) -> None: ...
 
 
@@ -126,7 +142,8 @@ class HttpConditions:
         policy: CallPolicy = DEFAULT_POLICY,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        self.url = url.rstrip("/")
+        self._base = url.rstrip("/")
+        self.url = redact_url(self._base)  # for messages: they reach logs and the journal
         self.policy = policy
         self._sleep = sleep
         self._session = requests.Session()
@@ -142,7 +159,7 @@ class HttpConditions:
         response = bounded_request(
             self._session,
             method,
-            f"{self.url}{path}",
+            f"{self._base}{path}",
             timeout_s=timeout_s,
             max_bytes=self.policy.max_bytes,
             **kwargs,
@@ -162,10 +179,11 @@ class HttpConditions:
                 what=f"conditions DB {self.url}: {what}",
                 sleep=self._sleep,
             )
+        # requests quotes the URL in its errors, credentials included if it has any
         except ResponseTooLarge as exc:
-            raise ConditionsError(str(exc)) from None
+            raise ConditionsError(redact(str(exc))) from None
         except CallFailed as exc:
-            raise ConditionsUnavailable(str(exc)) from None
+            raise ConditionsUnavailable(redact(str(exc))) from None
 
     def _call(self, method: str, path: str, **kwargs: Any) -> BoundedResponse:
         """A read or an idempotent write, retried under the policy; 4xx raises."""
@@ -204,9 +222,27 @@ class HttpConditions:
         """One tag."""
         return TagInfo(**self._json("GET", f"/api/v1/tags/{name}"))
 
-    def tags(self) -> list[TagInfo]:
-        """Every tag."""
-        return [TagInfo(**t) for t in self._json("GET", "/api/v1/tags")]
+    def tags(self, *, limit: int | None = None, offset: int = 0) -> list[TagInfo]:
+        """Tags by name (all of them without a ``limit``)."""
+        return [TagInfo(**t) for t in self._listing("/api/v1/tags", {}, limit, offset)]
+
+    def _listing(
+        self, path: str, params: dict[str, Any], limit: int | None, offset: int
+    ) -> list[Any]:
+        """``limit`` rows of a paged listing from ``offset``; every row from there on
+        without a limit, one page per request."""
+        if limit is not None:
+            return list(
+                self._json("GET", path, params={**params, "limit": limit, "offset": offset})
+            )
+        rows: list[Any] = []
+        while True:
+            page = self._json(
+                "GET", path, params={**params, "limit": PAGE_SIZE, "offset": offset + len(rows)}
+            )
+            rows.extend(page)
+            if len(page) < PAGE_SIZE:
+                return rows
 
     def upload(
         self,
@@ -300,13 +336,19 @@ class HttpConditions:
         return self._within_policy(attempt, f"GET {path}", policy)
 
     def iovs(
-        self, tag_name: str, *, snapshot: float | None = None, history: bool = False
+        self,
+        tag_name: str,
+        *,
+        snapshot: float | None = None,
+        history: bool = False,
+        limit: int | None = None,
+        offset: int = 0,
     ) -> list[IOVInfo]:
-        """IOVs of a tag."""
+        """IOVs of a tag (all of them without a ``limit``)."""
         params: dict[str, Any] = {"history": str(history).lower()}
         if snapshot is not None:
             params["snapshot"] = snapshot
-        rows = self._json("GET", f"/api/v1/tags/{tag_name}/iovs", params=params)
+        rows = self._listing(f"/api/v1/tags/{tag_name}/iovs", params, limit, offset)
         return [IOVInfo(**row) for row in rows]
 
     def payload(self, digest: str) -> PayloadBlob:
@@ -379,13 +421,21 @@ class HttpConditions:
         result: dict[str, Any] = self._json("GET", f"/api/v1/globaltags/{name}")
         return result
 
-    def global_tags(self) -> list[str]:
-        """Global tag names."""
-        return list(self._json("GET", "/api/v1/globaltags"))
+    def global_tags(self, *, limit: int | None = None, offset: int = 0) -> list[str]:
+        """Global tag names (all of them without a ``limit``)."""
+        return self._listing("/api/v1/globaltags", {}, limit, offset)
 
-    def taglog(self, tag_name: str) -> list[dict[str, Any]]:
-        """A tag's audit trail."""
-        return list(self._json("GET", f"/api/v1/tags/{tag_name}/log"))
+    def taglog(
+        self, tag_name: str, *, limit: int | None = None, offset: int = 0
+    ) -> list[dict[str, Any]]:
+        """A tag's audit trail, oldest first."""
+        return self._listing(f"/api/v1/tags/{tag_name}/log", {}, limit, offset)
+
+    def global_tag_log(
+        self, name: str, *, limit: int | None = None, offset: int = 0
+    ) -> list[dict[str, Any]]:
+        """A global tag's audit trail, oldest first."""
+        return self._listing(f"/api/v1/globaltags/{name}/log", {}, limit, offset)
 
 
 def _ok(response: BoundedResponse) -> BoundedResponse:
@@ -459,7 +509,7 @@ class ConditionsDB:
             return HttpConditions(url, token, policy=policy or DEFAULT_POLICY)
         if not url.startswith(("sqlite:", "postgresql")):
             raise ConditionsError(
-                f"unsupported conditions DB URL {url!r}: use sqlite:///path, "
+                f"unsupported conditions DB URL {redact_url(url)!r}: use sqlite:///path, "
                 "postgresql+psycopg://... or http(s)://host:port"
             )
         database = ConditionsDatabase(url)

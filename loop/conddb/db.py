@@ -11,15 +11,23 @@ repeat of the key gets that same outcome, writing nothing: a request re-sent aft
 timeout, or one that lands after its client gave up, cannot add an IOV. For one (tag,
 requested since), an upload whose sequence is lower than one already applied is
 ``superseded``: a late older harvest can never bury a newer one.
+
+**Audit.** Every write leaves an entry with its user, time, action and the before and
+after of what it changed: tag writes in ``tag_log``, global-tag writes in
+``global_tag_log``. Who may write is decided by :mod:`loop.conddb.auth` (the service
+checks it; direct database access is administrator access).
+
+Messages never quote the database URL's password (:mod:`loop.redact`): they end up in
+logs, the journal and the outbox.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import getpass
 import hashlib
 import hmac
 import io
+import re
 import secrets
 import socket
 import time
@@ -29,16 +37,20 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Engine, create_engine, event, func, insert, select
+from sqlalchemy import Engine, create_engine, event, func, insert, inspect, select
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
+from loop.conddb.auth import Identity
 from loop.conddb.models import (
     IOV,
+    ROLES,
     SYNCHRONIZATIONS,
     TIME_TYPES,
+    UPLOADER,
     Base,
     GlobalTag,
+    GlobalTagLog,
     GlobalTagMap,
     Payload,
     Setting,
@@ -47,15 +59,23 @@ from loop.conddb.models import (
     Token,
     UploadRequest,
 )
+from loop.conddb.npy import BadPayload, load_npy
 from loop.conddb.rules import decide, lumi_since
 from loop.errors import ConditionsError
 from loop.logs import get_logger
+from loop.redact import redact, redact_url
 
 NPY_STREAMER = "numpy-npy-v1"
 RAW_STREAMER = "raw-bytes"
 STREAMERS = (NPY_STREAMER, RAW_STREAMER)
 INSERTED, PRESENT, SUPERSEDED = "inserted", "already present", "superseded"
 APPLIED = (INSERTED, PRESENT)  # outcomes whose payload is (or was) the since's current one
+MAX_SINCE = 2**63 - 1  # BIGINT, on SQLite and PostgreSQL alike
+MAX_RUN = 2**31 - 1  # CMS run numbers are 32-bit signed
+MAX_LS = 2**32 - 1  # a lumi since packs (run << 32 | ls) into a signed 64-bit since
+MAX_TIME = 1e12
+# ASCII only: str.isdigit() accepts other scripts' digits, which int() may then refuse
+TOKEN_PATTERN = re.compile(r"cdb_([0-9]{1,18})_([A-Za-z0-9_\-]{1,100})")
 
 log = get_logger("calloop.conddb")
 
@@ -70,6 +90,10 @@ class InvalidRequest(ConditionsError):
 
 class ConditionsUnavailable(ConditionsError):
     """The database or service cannot be reached now; the same call may work later."""
+
+
+class Conflict(ConditionsError):
+    """A write that contradicts what exists (HTTP 409); the message says what exists."""
 
 
 class NotAuthorized(ConditionsError):
@@ -149,7 +173,7 @@ class PayloadBlob:
         """Decode a numpy payload."""
         if self.streamer_info != NPY_STREAMER:
             raise ConditionsError(f"payload {self.hash} is {self.streamer_info}, not an array")
-        return np.load(io.BytesIO(self.data), allow_pickle=False)
+        return load_npy(self.data)
 
 
 def encode_payload(value: np.ndarray | bytes) -> tuple[bytes, str]:
@@ -185,19 +209,27 @@ class ConditionsDatabase:
     """Direct access to a conditions DB by SQLAlchemy URL."""
 
     def __init__(self, url: str, *, user: str | None = None) -> None:
-        self.url = normalize_url(url)
+        self._connect_url = normalize_url(url)
+        self.url = redact_url(self._connect_url)  # without the password: safe to print
         self.user = user or _local_user()
-        self.is_sqlite = self.url.startswith("sqlite")
+        self.is_sqlite = self._connect_url.startswith("sqlite")
         try:
             self._read = self._engine(immediate=False)
             self._write = self._engine(immediate=True) if self.is_sqlite else self._read
         except (SQLAlchemyError, ImportError, ValueError) as exc:
-            raise ConditionsError(f"conditions DB {url}: cannot open ({exc})") from None
+            raise ConditionsError(
+                f"conditions DB {self.url}: cannot open ({redact(str(exc))})"
+            ) from None
 
     def _engine(self, *, immediate: bool) -> Engine:
         if not self.is_sqlite:
-            return create_engine(self.url, pool_pre_ping=True)
-        engine = create_engine(self.url, connect_args={"timeout": 30, "isolation_level": None})
+            # hide_parameters: a failed statement's message would quote uploaded values
+            return create_engine(self._connect_url, pool_pre_ping=True, hide_parameters=True)
+        engine = create_engine(
+            self._connect_url,
+            connect_args={"timeout": 30, "isolation_level": None},
+            hide_parameters=True,
+        )
 
         @event.listens_for(engine, "connect")
         def _pragmas(conn: Any, _record: Any) -> None:
@@ -214,13 +246,37 @@ class ConditionsDatabase:
         return engine
 
     def create_schema(self) -> None:
-        """Create every table (idempotent)."""
+        """Create every table, and add the columns a newer release defines to the tables
+        of an older one (idempotent)."""
         try:
             Base.metadata.create_all(self._write)
+            self._add_missing_columns()
         except SQLAlchemyError as exc:
             raise ConditionsError(
-                f"conditions DB {self.url}: schema creation failed: {exc}"
+                f"conditions DB {self.url}: schema creation failed: "
+                f"{redact(str(exc).splitlines()[0])}"
             ) from None
+
+    def _add_missing_columns(self) -> None:
+        """``create_all`` skips existing tables; columns added since (each with a server
+        default, e.g. ``token.role``) are added here so that old rows get the default."""
+        with self._write.begin() as conn:
+            inspector = inspect(conn)
+            for table in Base.metadata.sorted_tables:
+                present = {c["name"] for c in inspector.get_columns(table.name)}
+                for column in table.columns:
+                    if column.name in present:
+                        continue
+                    kind = column.type.compile(conn.dialect)
+                    # every added column has a plain string default (see models._Audit)
+                    default = getattr(column.server_default, "arg", "")
+                    # PostgreSQL: two services upgrading at once must not fail; SQLite's
+                    # BEGIN IMMEDIATE already serializes them (and lacks IF NOT EXISTS)
+                    guard = "" if self.is_sqlite else "IF NOT EXISTS "
+                    conn.exec_driver_sql(
+                        f'ALTER TABLE {table.name} ADD COLUMN {guard}"{column.name}" {kind} '
+                        f"NOT NULL DEFAULT '{default}'"
+                    )
 
     def close(self) -> None:
         """Dispose of the connection pools."""
@@ -237,11 +293,12 @@ class ConditionsDatabase:
             raise
         except OperationalError as exc:  # server down, database locked, network trouble
             raise ConditionsUnavailable(
-                f"conditions DB {self.url} unavailable: {str(exc).splitlines()[0]}"
+                f"conditions DB {self.url} unavailable: {redact(str(exc).splitlines()[0])}"
             ) from None
         except SQLAlchemyError as exc:
             raise ConditionsError(
-                f"conditions DB {self.url}: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+                f"conditions DB {self.url}: {type(exc).__name__}: "
+                f"{redact(str(exc).splitlines()[0])}"
             ) from None
 
     # ------------------------------------------------------------------------------ tags
@@ -265,19 +322,15 @@ class ConditionsDatabase:
                 f"synchronization must be one of {SYNCHRONIZATIONS}, got {synchronization!r}"
             )
         now = time.time()
+        wanted = _tag_definition(time_type, object_type, synchronization)
         with self._session(write=True) as session:
             existing = session.get(Tag, name)
             if existing is not None:
-                if (existing.time_type, existing.object_type, existing.synchronization) != (
-                    time_type,
-                    object_type,
-                    synchronization,
-                ):
-                    raise ConditionsError(
-                        f"tag {name} exists with time_type={existing.time_type}, "
-                        f"object_type={existing.object_type}, "
-                        f"synchronization={existing.synchronization}"
-                    )
+                defined = _tag_definition(
+                    existing.time_type, existing.object_type, existing.synchronization
+                )
+                if defined != wanted:
+                    raise Conflict(f"tag {name} exists with {defined}")
                 return _tag_info(existing)
             tag = Tag(
                 name=name,
@@ -290,9 +343,7 @@ class ConditionsDatabase:
                 modification_time=now,
             )
             session.add(tag)
-            session.add(
-                _log(name, "create_tag", user or self.user, host, f"{time_type}/{synchronization}")
-            )
+            session.add(_tag_log(name, "create_tag", (user or self.user, host), after=wanted))
             return _tag_info(tag)
 
     def tag(self, name: str) -> TagInfo:
@@ -300,10 +351,11 @@ class ConditionsDatabase:
         with self._session() as session:
             return _tag_info(self._get_tag(session, name))
 
-    def tags(self) -> list[TagInfo]:
-        """Every tag, by name."""
+    def tags(self, *, limit: int | None = None, offset: int = 0) -> list[TagInfo]:
+        """Tags by name: ``limit`` of them (default all) after the first ``offset``."""
         with self._session() as session:
-            return [_tag_info(t) for t in session.scalars(select(Tag).order_by(Tag.name))]
+            query = _page(select(Tag).order_by(Tag.name), limit, offset)
+            return [_tag_info(t) for t in session.scalars(query)]
 
     @staticmethod
     def _get_tag(session: Session, name: str, *, lock: bool = False) -> Tag:
@@ -365,31 +417,81 @@ class ConditionsDatabase:
         sequence: int | None = None,
     ) -> UploadResult:
         """:meth:`upload` for bytes already serialized with ``streamer`` (HTTP uploads)."""
-        if streamer not in STREAMERS:
-            raise InvalidRequest(f"unknown streamer {streamer!r}; expected one of {STREAMERS}")
-        if sequence is not None and key is None:
-            raise InvalidRequest("a harvest sequence needs an idempotency key")
+        [result] = self.upload_many(
+            [tag_name],
+            since,
+            data,
+            streamer,
+            user=user,
+            host=host,
+            user_text=user_text,
+            input_tag=input_tag,
+            key=key,
+            sequence=sequence,
+        )
+        return result
+
+    def upload_many(
+        self,
+        tag_names: list[str],
+        since: int,
+        data: bytes,
+        streamer: str,
+        *,
+        user: str | None = None,
+        host: str = "",
+        user_text: str = "",
+        input_tag: str = "",
+        key: str | None = None,
+        sequence: int | None = None,
+    ) -> list[UploadResult]:
+        """One serialized payload at one since in several tags, all or nothing: one
+        transaction, so a refusal in any tag writes nothing in the others. A keyed
+        upload names a single tag (one key, one stored outcome)."""
+        _check_upload(tag_names, since, (data, streamer), key=key, sequence=sequence)
         # One transaction from the key lookup to the insert of its outcome. PostgreSQL:
-        # the tag row's FOR UPDATE lock serializes the uploads of a tag. SQLite ignores
-        # FOR UPDATE, but the write engine begins every transaction with BEGIN
-        # IMMEDIATE, which takes the database's write lock before the first read, so no
-        # other writer runs between these checks and the insert either.
+        # the tag rows' FOR UPDATE locks serialize the uploads of a tag (taken in name
+        # order, so two multi-tag uploads cannot deadlock). SQLite ignores FOR UPDATE,
+        # but the write engine begins every transaction with BEGIN IMMEDIATE, which
+        # takes the database's write lock before the first read, so no other writer
+        # runs between these checks and the insert either.
         with self._session(write=True) as session:
-            tag = self._get_tag(session, tag_name, lock=True)
-            offer = _Offer(tag_name, since, sequence, payload_hash(tag.object_type, data))
-            if key is not None:
-                replayed = self._replay(session, key, offer)
-                if replayed is not None:
-                    return replayed
-            result = self._superseded(session, offer)
-            if result is None:
-                text = f"input={input_tag} {user_text}"
-                result = self._apply(
-                    session, tag, offer, data, streamer=streamer, audit=(user, host, text)
+            tags = {name: self._get_tag(session, name, lock=True) for name in sorted(tag_names)}
+            audit = (user, host, f"input={input_tag} {user_text}")
+            return [
+                self._upload_one(
+                    session,
+                    tags[name],
+                    _Offer(name, since, sequence, payload_hash(tags[name].object_type, data)),
+                    (data, streamer),
+                    key=key,
+                    audit=audit,
                 )
-            if key is not None:
-                session.add(_request_row(key, offer, result))
-            return result
+                for name in tag_names
+            ]
+
+    def _upload_one(
+        self,
+        session: Session,
+        tag: Tag,
+        offer: _Offer,
+        encoded: tuple[bytes, str],
+        *,
+        key: str | None,
+        audit: tuple[str | None, str, str],
+    ) -> UploadResult:
+        """One tag's part of an upload: replay, supersede or apply, then its outcome."""
+        data, streamer = encoded
+        if key is not None:
+            replayed = self._replay(session, key, offer)
+            if replayed is not None:
+                return replayed
+        result = self._superseded(session, offer)
+        if result is None:
+            result = self._apply(session, tag, offer, data, streamer=streamer, audit=audit)
+        if key is not None:
+            session.add(_request_row(key, offer, result))
+        return result
 
     def upload_result(self, key: str) -> UploadResult | None:
         """The stored outcome of the keyed upload ``key``; None when the database holds
@@ -467,10 +569,8 @@ class ConditionsDatabase:
             iov_count=count or 0,
             fcsr_run=self._fcsr(session),
         )
-        if (
-            decision.since != since
-            and self._current_hash(session, tag.name, decision.since) == digest
-        ):
+        before = self._current_hash(session, tag.name, decision.since)
+        if decision.since != since and before == digest:
             return UploadResult(tag.name, decision.since, digest, PRESENT, decision.note)
         now = time.time()
         if session.get(Payload, digest) is None:
@@ -481,8 +581,16 @@ class ConditionsDatabase:
         )
         tag.modification_time = now
         user, host, text = audit
-        text = f"since={decision.since} hash={digest[:12]} {text}"
-        session.add(_log(tag.name, "upload", user or self.user, host, text.strip()))
+        session.add(
+            _tag_log(
+                tag.name,
+                "upload",
+                (user or self.user, host),
+                text.strip(),
+                before=f"since={decision.since} hash={before}" if before else "",
+                after=f"since={decision.since} hash={digest}",
+            )
+        )
         return UploadResult(tag.name, decision.since, digest, INSERTED, decision.note)
 
     @staticmethod
@@ -523,23 +631,36 @@ class ConditionsDatabase:
     # ------------------------------------------------------------------------------ reads
 
     def iovs(
-        self, tag_name: str, *, snapshot: float | None = None, history: bool = False
+        self,
+        tag_name: str,
+        *,
+        snapshot: float | None = None,
+        history: bool = False,
+        limit: int | None = None,
+        offset: int = 0,
     ) -> list[IOVInfo]:
-        """IOVs of a tag as of ``snapshot`` (default now): the latest row per since, or
-        every row with ``history``."""
+        """IOVs of a tag as of ``snapshot`` (default now), by since: the latest row per
+        since, or every row with ``history``; ``limit`` rows (default all) after the
+        first ``offset``."""
         with self._session() as session:
             self._get_tag(session, tag_name)
-            query = select(IOV).where(IOV.tag_name == tag_name)
+            visible = IOV.tag_name == tag_name
             if snapshot is not None:
-                query = query.where(IOV.insertion_time <= snapshot)
-            rows = session.scalars(query.order_by(IOV.since, IOV.insertion_time, IOV.id)).all()
-        infos = [IOVInfo(r.since, r.insertion_time, r.payload_hash) for r in rows]
-        if history:
-            return infos
-        latest: dict[int, IOVInfo] = {}
-        for info in infos:
-            latest[info.since] = info
-        return list(latest.values())
+                visible &= IOV.insertion_time <= snapshot
+            # rank 1 is a since's current row; the database picks it, so that a page of
+            # the latest rows is one query whatever the length of the history
+            rank = (
+                func.row_number()
+                .over(partition_by=IOV.since, order_by=(IOV.insertion_time.desc(), IOV.id.desc()))
+                .label("rank")
+            )
+            ranked = select(IOV.id, rank).where(visible).subquery()
+            query = select(IOV).join(ranked, ranked.c.id == IOV.id)
+            if not history:
+                query = query.where(ranked.c.rank == 1)
+            query = query.order_by(IOV.since, IOV.insertion_time, IOV.id)
+            rows = session.scalars(_page(query, limit, offset)).all()
+        return [IOVInfo(r.since, r.insertion_time, r.payload_hash) for r in rows]
 
     def payload(self, digest: str) -> PayloadBlob:
         """Payload by hash."""
@@ -596,17 +717,41 @@ class ConditionsDatabase:
         entry = session.get(GlobalTagMap, (global_tag, record or "", label))
         if entry is None:
             raise NotFound(f"global tag {global_tag} maps no record {record!r} label {label!r}")
-        return entry.tag_name, min(gt.snapshot_time, snapshot or gt.snapshot_time)
+        return entry.tag_name, gt.snapshot_time if snapshot is None else min(
+            gt.snapshot_time, snapshot
+        )
 
-    def taglog(self, tag_name: str) -> list[dict[str, Any]]:
-        """The audit trail of a tag, oldest first."""
+    def taglog(
+        self, tag_name: str, *, limit: int | None = None, offset: int = 0
+    ) -> list[dict[str, Any]]:
+        """The audit trail of a tag, oldest first (paged like :meth:`iovs`)."""
+        query = select(TagLog).where(TagLog.tag_name == tag_name).order_by(TagLog.id)
+        return self._audit_entries(query, limit, offset)
+
+    def global_tag_log(
+        self, name: str, *, limit: int | None = None, offset: int = 0
+    ) -> list[dict[str, Any]]:
+        """The audit trail of a global tag, oldest first (paged like :meth:`iovs`)."""
+        query = (
+            select(GlobalTagLog)
+            .where(GlobalTagLog.global_tag_name == name)
+            .order_by(GlobalTagLog.id)
+        )
+        return self._audit_entries(query, limit, offset)
+
+    def _audit_entries(self, query: Any, limit: int | None, offset: int) -> list[dict[str, Any]]:
         with self._session() as session:
-            rows = session.scalars(
-                select(TagLog).where(TagLog.tag_name == tag_name).order_by(TagLog.id)
-            )
             return [
-                {"time": r.time, "action": r.action, "user": r.user, "host": r.host, "text": r.text}
-                for r in rows
+                {
+                    "time": r.time,
+                    "action": r.action,
+                    "user": r.user,
+                    "host": r.host,
+                    "text": r.text,
+                    "before": r.before,
+                    "after": r.after,
+                }
+                for r in session.scalars(_page(query, limit, offset))
             ]
 
     # ------------------------------------------------------------------------ global tags
@@ -621,21 +766,30 @@ class ConditionsDatabase:
         user: str | None = None,
         host: str = "",
     ) -> dict[str, Any]:
-        """Create a global tag (idempotent for an identical one)."""
+        """Create a global tag; an identical one again is a no-op, another definition
+        under an existing name a :class:`Conflict` naming what exists. Without a
+        ``snapshot_time`` the global tag follows its tags' latest IOVs."""
+        snapshot = MAX_TIME if snapshot_time is None else snapshot_time
+        wanted = _gt_definition(description, release, snapshot)
         with self._session(write=True) as session:
             existing = session.get(GlobalTag, name)
-            if existing is None:
-                now = time.time()
+            if existing is not None:
+                defined = _gt_definition(
+                    existing.description, existing.release, existing.snapshot_time
+                )
+                if defined != wanted:
+                    raise Conflict(f"global tag {name} exists with {defined}")
+            else:
                 session.add(
                     GlobalTag(
                         name=name,
                         description=description,
                         release=release,
-                        snapshot_time=snapshot_time or 1e12,
-                        insertion_time=now,
+                        snapshot_time=snapshot,
+                        insertion_time=time.time(),
                     )
                 )
-                session.add(_log(name, "create_gt", user or self.user, host, description))
+                session.add(_gt_log(name, "create_gt", (user or self.user, host), after=wanted))
         return self.global_tag(name)
 
     def map_global_tag(
@@ -655,7 +809,7 @@ class ConditionsDatabase:
             self._get_tag(session, tag_name)
             entry = session.get(GlobalTagMap, (name, record, label))
             if entry is not None and entry.tag_name != tag_name:
-                raise ConditionsError(
+                raise Conflict(
                     f"global tag {name} already maps {record}/{label} to {entry.tag_name}"
                 )
             if entry is None:
@@ -664,9 +818,8 @@ class ConditionsDatabase:
                         global_tag_name=name, record=record, label=label, tag_name=tag_name
                     )
                 )
-                session.add(
-                    _log(tag_name, "map_gt", user or self.user, host, f"{name}:{record}/{label}")
-                )
+                after = f"{record}/{label} -> {tag_name}"
+                session.add(_gt_log(name, "map", (user or self.user, host), after=after))
         return self.global_tag(name)
 
     def global_tag(self, name: str) -> dict[str, Any]:
@@ -688,17 +841,21 @@ class ConditionsDatabase:
                 "map": [{"record": e.record, "label": e.label, "tag": e.tag_name} for e in entries],
             }
 
-    def global_tags(self) -> list[str]:
-        """Names of every global tag."""
+    def global_tags(self, *, limit: int | None = None, offset: int = 0) -> list[str]:
+        """Names of global tags (paged like :meth:`tags`)."""
         with self._session() as session:
-            return list(session.scalars(select(GlobalTag.name).order_by(GlobalTag.name)))
+            query = _page(select(GlobalTag.name).order_by(GlobalTag.name), limit, offset)
+            return list(session.scalars(query))
 
     # ---------------------------------------------------------------------- tokens, fcsr
 
-    def create_token(self, user: str, tag_patterns: list[str]) -> str:
-        """A new bearer token ``cdb_<id>_<secret>``; only the secret's hash is stored."""
+    def create_token(self, user: str, tag_patterns: list[str], *, role: str = UPLOADER) -> str:
+        """A new bearer token ``cdb_<id>_<secret>``; only the secret's hash is stored.
+        ``role`` is ``uploader`` or ``admin`` (see :mod:`loop.conddb.auth`)."""
         if not tag_patterns or not all(p.strip() for p in tag_patterns):
             raise InvalidRequest("a token needs at least one non-empty tag pattern")
+        if role not in ROLES:
+            raise InvalidRequest(f"role must be one of {ROLES}, got {role!r}")
         secret = secrets.token_urlsafe(24)
         with self._session(write=True) as session:
             token = Token(
@@ -707,6 +864,7 @@ class ConditionsDatabase:
                 secret_hash=hashlib.sha256(secret.encode()).hexdigest(),
                 created=time.time(),
                 revoked=False,
+                role=role,
             )
             session.add(token)
             session.flush()
@@ -728,26 +886,29 @@ class ConditionsDatabase:
                     "id": t.id,
                     "user": t.user,
                     "tags": t.tag_patterns,
+                    "role": t.role,
                     "created": t.created,
                     "revoked": t.revoked,
                 }
                 for t in session.scalars(select(Token))
             ]
 
-    def authenticate(self, token: str) -> tuple[str, list[str]] | None:
-        """(user, tag patterns) of a valid, unrevoked token; None otherwise."""
-        parts = token.split("_", 2)
-        if len(parts) != 3 or parts[0] != "cdb" or not parts[1].isdigit():
+    def authenticate(self, token: str) -> Identity | None:
+        """The identity of a valid, unrevoked token; None otherwise (also for anything
+        not shaped like a token, which never reaches the database)."""
+        match = TOKEN_PATTERN.fullmatch(token)
+        if match is None:
             return None
+        token_id, secret = int(match[1]), match[2]
         with self._session() as session:
-            row = session.get(Token, int(parts[1]))
+            row = session.get(Token, token_id)
             if row is None or row.revoked:
                 return None
             if not hmac.compare_digest(
-                row.secret_hash, hashlib.sha256(parts[2].encode()).hexdigest()
+                row.secret_hash, hashlib.sha256(secret.encode()).hexdigest()
             ):
                 return None
-            return row.user, row.tag_patterns.split(",")
+            return Identity(row.user, row.role, tuple(row.tag_patterns.split(",")), row.id)
 
     def set_fcsr(self, run: int | None) -> None:
         """Configure (or clear) the first condition-safe run."""
@@ -774,19 +935,58 @@ def _local_user() -> str:
         return "calloop"
 
 
-def tag_allowed(patterns: list[str], tag: str) -> bool:
-    """True when ``tag`` matches one of a token's patterns."""
-    return any(fnmatch.fnmatchcase(tag, pattern) for pattern in patterns)
-
-
 def _point(time_type: str, run: int | None, ls: int | None, time_point: float | None) -> int:
     if time_type == "time":
-        if time_point is None:
-            raise InvalidRequest("this tag is time-based: give a time")
+        if time_point is None or not 0 <= time_point <= MAX_TIME:
+            raise InvalidRequest(f"this tag is time-based: give a time in 0..{MAX_TIME:.0f}")
         return int(time_point)
-    if run is None:
-        raise InvalidRequest(f"this tag is {time_type}-based: give a run")
+    if run is None or not 1 <= run <= MAX_RUN:
+        raise InvalidRequest(f"this tag is {time_type}-based: give a run in 1..{MAX_RUN}")
+    if ls is not None and not 1 <= ls <= MAX_LS:
+        raise InvalidRequest(f"a lumi section is in 1..{MAX_LS}, got {ls}")
     return lumi_since(run, ls or 1) if time_type == "lumi" else run
+
+
+def _check_upload(
+    tag_names: list[str],
+    since: int,
+    encoded: tuple[bytes, str],
+    *,
+    key: str | None,
+    sequence: int | None,
+) -> None:
+    """Refuse what no database state could accept, before a transaction starts."""
+    data, streamer = encoded
+    if not tag_names:
+        raise InvalidRequest("an upload names at least one tag")
+    if not 0 <= since <= MAX_SINCE:
+        raise InvalidRequest(f"since must be in 0..{MAX_SINCE}, got {since}")
+    if streamer not in STREAMERS:
+        raise InvalidRequest(f"unknown streamer {streamer!r}; expected one of {STREAMERS}")
+    if sequence is not None and key is None:
+        raise InvalidRequest("a harvest sequence needs an idempotency key")
+    if key is not None and len(tag_names) != 1:
+        raise InvalidRequest("an upload with an idempotency key names exactly one tag")
+    if streamer == NPY_STREAMER:
+        try:
+            load_npy(data)
+        except BadPayload as exc:
+            raise InvalidRequest(str(exc)) from None
+
+
+def _page(query: Any, limit: int | None, offset: int) -> Any:
+    """``query`` restricted to one page; ``limit=None`` is every row."""
+    if (limit is not None and limit < 1) or offset < 0:
+        raise InvalidRequest(f"a page needs limit >= 1 and offset >= 0, got {limit}, {offset}")
+    return query.limit(limit).offset(offset)
+
+
+def _tag_definition(time_type: str, object_type: str, synchronization: str) -> str:
+    return f"time_type={time_type}, object_type={object_type}, synchronization={synchronization}"
+
+
+def _gt_definition(description: str, release: str, snapshot_time: float) -> str:
+    return f"description={description!r}, release={release!r}, snapshot_time={snapshot_time}"
 
 
 def _payload_row(tag: Tag, digest: str, data: bytes, streamer: str, now: float) -> Payload:
@@ -831,12 +1031,40 @@ def _request_result(row: UploadRequest) -> UploadResult:
     return UploadResult(row.tag_name, row.result_since, row.payload_hash, row.status, row.note)
 
 
-def _log(tag: str, action: str, user: str, host: str, text: str) -> TagLog:
-    return TagLog(
-        tag_name=tag,
-        time=time.time(),
-        action=action,
-        user=user,
-        host=host or socket.gethostname(),
-        text=text,
-    )
+def _tag_log(
+    tag: str,
+    action: str,
+    who: tuple[str, str],
+    text: str = "",
+    *,
+    before: str = "",
+    after: str = "",
+) -> TagLog:
+    """A tag's audit entry; ``who`` is (user, client host)."""
+    return TagLog(tag_name=tag, **_audit(action, who, text, before, after))
+
+
+def _gt_log(
+    name: str,
+    action: str,
+    who: tuple[str, str],
+    text: str = "",
+    *,
+    before: str = "",
+    after: str = "",
+) -> GlobalTagLog:
+    """A global tag's audit entry; ``who`` is (user, client host)."""
+    return GlobalTagLog(global_tag_name=name, **_audit(action, who, text, before, after))
+
+
+def _audit(action: str, who: tuple[str, str], text: str, before: str, after: str) -> dict[str, Any]:
+    user, host = who
+    return {
+        "time": time.time(),
+        "action": action,
+        "user": user,
+        "host": host or socket.gethostname(),
+        "text": text,
+        "before": before,
+        "after": after,
+    }

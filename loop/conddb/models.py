@@ -4,7 +4,8 @@ Tags hold IOVs; an IOV points at a content-addressed payload. Re-inserting a sin
 the older row (history); reads at a snapshot time see only rows inserted before it.
 Times are Unix seconds (float) so SQLite and PostgreSQL order them identically.
 Keyed uploads leave their outcome in ``upload_request``, which makes them idempotent
-and orders the harvests of one since.
+and orders the harvests of one since. Writes are audited in ``tag_log`` (tags) and
+``global_tag_log`` (global tags), with the before and after of each change.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 TIME_TYPES = ("run", "lumi", "time")
 SYNCHRONIZATIONS = ("any", "validation", "offline", "mc", "hlt", "express", "prompt", "pcl")
+UPLOADER, ADMIN = "uploader", "admin"
+ROLES = (UPLOADER, ADMIN)
 
 
 class Base(DeclarativeBase):
@@ -89,21 +92,37 @@ class GlobalTagMap(Base):
     tag_name: Mapped[str] = mapped_column(ForeignKey("tag.name"))
 
 
-class TagLog(Base):
-    """Audit trail of every write."""
+class _Audit:
+    """Columns of an audit entry. Columns added after the first release carry a server
+    default, so that ``create_schema`` can add them to an existing table."""
 
-    __tablename__ = "tag_log"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    tag_name: Mapped[str] = mapped_column(String(100), index=True)
     time: Mapped[float] = mapped_column(Float)
     action: Mapped[str] = mapped_column(String(32))
     user: Mapped[str] = mapped_column(String(100))
     host: Mapped[str] = mapped_column(String(255))
     text: Mapped[str] = mapped_column(Text, default="")
+    before: Mapped[str] = mapped_column(Text, default="", server_default="")
+    after: Mapped[str] = mapped_column(Text, default="", server_default="")
+
+
+class TagLog(_Audit, Base):
+    """Audit trail of every write to a tag."""
+
+    __tablename__ = "tag_log"
+    tag_name: Mapped[str] = mapped_column(String(100), index=True)
+
+
+class GlobalTagLog(_Audit, Base):
+    """Audit trail of every write to a global tag (its creation and its map)."""
+
+    __tablename__ = "global_tag_log"
+    global_tag_name: Mapped[str] = mapped_column(String(100), index=True)
 
 
 class Token(Base):
-    """An upload token: only a SHA-256 of its secret is stored."""
+    """A bearer token: only a SHA-256 of its secret is stored. ``tag_patterns`` scope the
+    tags it may write; the ``admin`` role may also create and edit global tags."""
 
     __tablename__ = "token"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -112,6 +131,7 @@ class Token(Base):
     secret_hash: Mapped[str] = mapped_column(String(64))
     created: Mapped[float] = mapped_column(Float)
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+    role: Mapped[str] = mapped_column(String(16), default=UPLOADER, server_default=UPLOADER)
 
 
 class Setting(Base):

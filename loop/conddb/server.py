@@ -1,9 +1,12 @@
 """The conditions-DB HTTP service (FastAPI): ``calloop conddb serve --db URL --port P``.
 
-Reads are open unless ``read_token_required``; writes need a bearer token whose tag
-patterns cover every tag the write touches. Every write lands in the tag log with the
-token's user and the client's address. Request bodies are capped; invalid input gets a
-4xx with a message, never a 500. The OpenAPI spec is served at ``/openapi.json``.
+Reads are open unless ``read_token_required``; writes need a bearer token with the
+right for them (:mod:`loop.conddb.auth`: tag patterns for tags and uploads, the admin
+role for global tags). Every write lands in the tag log or the global-tag log with the
+token's user and the client's address. Request bodies are capped and every input is
+bounded (names ASCII, runs 1..2^31-1, lumi sections 1..2^32-1, listings paged with at
+most ``MAX_PAGE`` rows); invalid input gets a 4xx with a message, never a 500. The
+OpenAPI spec is served at ``/openapi.json``.
 
 An upload's metadata may carry an ``idempotencyKey`` and a ``harvestSequence`` (see
 :mod:`loop.conddb.db`); ``GET /api/v1/uploads/{key}`` answers a keyed upload's stored
@@ -17,12 +20,10 @@ are ``{"detail": text, "error": code}``; the code tells a synchronization-rule r
 
 import base64
 import binascii
-import io
 import threading
 import time
 from typing import Annotated, Any, Literal
 
-import numpy as np
 import uvicorn
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
@@ -31,27 +32,37 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 
 from loop import __version__
 from loop.conddb import DEFAULT_MAX_BODY
+from loop.conddb.auth import Forbidden, Identity, check_global_tag_edit, check_tags
 from loop.conddb.db import (
-    NPY_STREAMER,
-    STREAMERS,
+    MAX_LS,
+    MAX_RUN,
+    MAX_SINCE,
+    MAX_TIME,
     ConditionsDatabase,
     ConditionsUnavailable,
+    Conflict,
     InvalidRequest,
     NotFound,
     as_dict,
-    tag_allowed,
 )
 from loop.conddb.rules import RuleRefused
 from loop.errors import ConditionsError
 
-MAX_SINCE = 2**63 - 1
 MAX_SEQUENCE = 2**63 - 1
+DEFAULT_PAGE, MAX_PAGE = 1000, 10000
 KEY_PATTERN = r"^[A-Za-z0-9_.:\-]{1,200}$"  # ASCII, bounded, safe in a URL path segment
-Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.\-]{1,100}$")]
+NAME_PATTERN = r"^[A-Za-z0-9_.\-]{1,100}$"
+Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
 Label = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.\-]{0,100}$")]
-Text = Annotated[str, StringConstraints(max_length=4000)]
-PathName = Annotated[str, Path(pattern=r"^[A-Za-z0-9_.\-]{1,100}$")]
-Run = Annotated[int | None, Query(ge=0, le=2**31)]
+# free text, bounded; no NUL, which PostgreSQL refuses in text columns
+Text = Annotated[str, StringConstraints(max_length=4000, pattern=r"^[^\x00]*$")]
+PathName = Annotated[str, Path(pattern=NAME_PATTERN)]
+QueryName = Annotated[str | None, Query(pattern=NAME_PATTERN)]
+Run = Annotated[int | None, Query(ge=1, le=MAX_RUN)]
+LumiSection = Annotated[int | None, Query(ge=1, le=MAX_LS)]
+Instant = Annotated[float | None, Query(ge=0, le=MAX_TIME)]
+Limit = Annotated[int, Query(ge=1, le=MAX_PAGE)]
+Offset = Annotated[int, Query(ge=0, le=MAX_SINCE)]
 
 
 class _Strict(BaseModel):
@@ -103,8 +114,8 @@ class GlobalTagCreate(_Strict):
 
     name: Name
     description: Text = ""
-    release: Annotated[str, StringConstraints(max_length=100)] = ""
-    snapshot_time: float | None = Field(None, ge=0, le=1e12)
+    release: Annotated[str, StringConstraints(max_length=100, pattern=r"^[^\x00]*$")] = ""
+    snapshot_time: float | None = Field(None, ge=0, le=MAX_TIME)
 
 
 class GlobalTagMapEntry(_Strict):
@@ -168,7 +179,7 @@ def create_app(
 
     def writer(
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-    ) -> tuple[str, list[str]]:
+    ) -> Identity:
         if credentials is None:
             raise HTTPException(
                 401,
@@ -188,7 +199,7 @@ def create_app(
         if read_token_required:
             writer(credentials)
 
-    Writer = Annotated[tuple[str, list[str]], Depends(writer)]
+    Writer = Annotated[Identity, Depends(writer)]
     _add_read_routes(app, db, Depends(reader))
     _add_write_routes(app, db, Writer)
     app.add_exception_handler(ConditionsError, _conditions_error)  # type: ignore[arg-type]
@@ -200,7 +211,9 @@ def create_app(
 ERROR_CODES: tuple[tuple[type[ConditionsError], int, str], ...] = (
     (NotFound, 404, "not_found"),
     (InvalidRequest, 400, "invalid_request"),
+    (Forbidden, 403, "forbidden"),
     (RuleRefused, 409, "rule_refused"),
+    (Conflict, 409, "conflict"),
     (ConditionsUnavailable, 503, "unavailable"),
 )
 
@@ -213,21 +226,14 @@ async def _conditions_error(_request: Request, exc: ConditionsError) -> JSONResp
     return JSONResponse({"detail": str(exc), "error": code}, status_code=status)
 
 
-def _allow(identity: tuple[str, list[str]], tags: list[str]) -> str:
-    """The token's user, if its patterns cover every tag (403 otherwise)."""
-    user, patterns = identity
-    denied = [t for t in tags if not tag_allowed(patterns, t)]
-    if denied:
-        raise HTTPException(403, f"token of {user} may not write tag(s) {', '.join(denied)}")
-    return user
-
-
 def _add_read_routes(app: FastAPI, db: ConditionsDatabase, Reader: Any) -> None:
-    """Tags, IOVs, payloads, resolve, global tags: open unless a read token is required."""
+    """Tags, IOVs, payloads, resolve, global tags, audit logs: open unless a read token
+    is required. Listings are paged: ``limit`` (default DEFAULT_PAGE, at most MAX_PAGE)
+    rows after ``offset``; a page shorter than its limit is the last."""
 
     @app.get("/api/v1/tags", dependencies=[Reader])
-    def list_tags() -> list[dict[str, Any]]:
-        return [as_dict(t) for t in db.tags()]
+    def list_tags(limit: Limit = DEFAULT_PAGE, offset: Offset = 0) -> list[dict[str, Any]]:
+        return [as_dict(t) for t in db.tags(limit=limit, offset=offset)]
 
     @app.get("/api/v1/tags/{name}", dependencies=[Reader])
     def get_tag(name: PathName) -> dict[str, Any]:
@@ -236,14 +242,19 @@ def _add_read_routes(app: FastAPI, db: ConditionsDatabase, Reader: Any) -> None:
     @app.get("/api/v1/tags/{name}/iovs", dependencies=[Reader])
     def get_iovs(
         name: PathName,
-        snapshot: Annotated[float | None, Query(ge=0, le=1e12)] = None,
+        snapshot: Instant = None,
         history: bool = False,
+        limit: Limit = DEFAULT_PAGE,
+        offset: Offset = 0,
     ) -> list[dict[str, Any]]:
-        return [as_dict(i) for i in db.iovs(name, snapshot=snapshot, history=history)]
+        iovs = db.iovs(name, snapshot=snapshot, history=history, limit=limit, offset=offset)
+        return [as_dict(i) for i in iovs]
 
     @app.get("/api/v1/tags/{name}/log", dependencies=[Reader])
-    def get_log(name: PathName) -> list[dict[str, Any]]:
-        return db.taglog(name)
+    def get_log(
+        name: PathName, limit: Limit = DEFAULT_PAGE, offset: Offset = 0
+    ) -> list[dict[str, Any]]:
+        return db.taglog(name, limit=limit, offset=offset)
 
     @app.get("/api/v1/payloads/{digest}", dependencies=[Reader])
     def get_payload(digest: Annotated[str, Path(pattern=r"^[0-9a-f]{64}$")]) -> Response:
@@ -261,14 +272,14 @@ def _add_read_routes(app: FastAPI, db: ConditionsDatabase, Reader: Any) -> None:
     @app.get("/api/v1/resolve", dependencies=[Reader])
     def resolve(
         *,
-        tag: Annotated[str | None, Query(pattern=r"^[A-Za-z0-9_.\-]{1,100}$")] = None,
-        global_tag: Annotated[str | None, Query(pattern=r"^[A-Za-z0-9_.\-]{1,100}$")] = None,
-        record: Annotated[str | None, Query(pattern=r"^[A-Za-z0-9_.\-]{1,100}$")] = None,
+        tag: QueryName = None,
+        global_tag: QueryName = None,
+        record: QueryName = None,
         label: Annotated[str, Query(pattern=r"^[A-Za-z0-9_.\-]{0,100}$")] = "",
         run: Run = None,
-        ls: Run = None,
-        time: Annotated[float | None, Query(ge=0, le=1e12)] = None,
-        snapshot: Annotated[float | None, Query(ge=0, le=1e12)] = None,
+        ls: LumiSection = None,
+        time: Instant = None,
+        snapshot: Instant = None,
     ) -> dict[str, Any]:
         return as_dict(
             db.resolve(
@@ -284,8 +295,8 @@ def _add_read_routes(app: FastAPI, db: ConditionsDatabase, Reader: Any) -> None:
         )
 
     @app.get("/api/v1/globaltags", dependencies=[Reader])
-    def list_global_tags() -> list[str]:
-        return db.global_tags()
+    def list_global_tags(limit: Limit = DEFAULT_PAGE, offset: Offset = 0) -> list[str]:
+        return db.global_tags(limit=limit, offset=offset)
 
     @app.get("/api/v1/uploads/{key}", dependencies=[Reader])
     def get_upload(key: Annotated[str, Path(pattern=KEY_PATTERN)]) -> dict[str, Any]:
@@ -298,13 +309,20 @@ def _add_read_routes(app: FastAPI, db: ConditionsDatabase, Reader: Any) -> None:
     def get_global_tag(name: PathName) -> dict[str, Any]:
         return db.global_tag(name)
 
+    @app.get("/api/v1/globaltags/{name}/log", dependencies=[Reader])
+    def get_global_tag_log(
+        name: PathName, limit: Limit = DEFAULT_PAGE, offset: Offset = 0
+    ) -> list[dict[str, Any]]:
+        return db.global_tag_log(name, limit=limit, offset=offset)
+
 
 def _add_write_routes(app: FastAPI, db: ConditionsDatabase, Writer: Any) -> None:
-    """Tag creation, uploads and global-tag edits: a bearer token covering the tags."""
+    """Tag creation and uploads (tags within the token's patterns), global-tag creation
+    and mapping (admin tokens): see :mod:`loop.conddb.auth`."""
 
     @app.post("/api/v1/tags", status_code=201)
     def create_tag(body: TagCreate, identity: Writer, request: Request) -> dict[str, Any]:
-        user = _allow(identity, [body.name])
+        check_tags(identity, [body.name])
         return as_dict(
             db.create_tag(
                 body.name,
@@ -312,7 +330,7 @@ def _add_write_routes(app: FastAPI, db: ConditionsDatabase, Writer: Any) -> None
                 object_type=body.object_type,
                 synchronization=body.synchronization,
                 description=body.description,
-                user=user,
+                user=identity.user,
                 host=_client(request),
             )
         )
@@ -320,37 +338,32 @@ def _add_write_routes(app: FastAPI, db: ConditionsDatabase, Writer: Any) -> None
     @app.post("/api/v1/upload")
     def upload(body: UploadRequest, identity: Writer, request: Request) -> list[dict[str, Any]]:
         tags = list(body.metadata.destinationTags)
-        user = _allow(identity, tags)
-        data = _decode(body.payload_b64, body.streamer_info)
-        return [
-            as_dict(
-                db.upload_encoded(
-                    tag,
-                    body.metadata.since,
-                    data,
-                    body.streamer_info,
-                    user=user,
-                    host=_client(request),
-                    user_text=body.metadata.userText,
-                    input_tag=body.metadata.inputTag,
-                    key=body.metadata.idempotencyKey,
-                    sequence=body.metadata.harvestSequence,
-                )
-            )
-            for tag in tags
-        ]
+        check_tags(identity, tags)
+        results = db.upload_many(
+            tags,
+            body.metadata.since,
+            _decode(body.payload_b64),
+            body.streamer_info,
+            user=identity.user,
+            host=_client(request),
+            user_text=body.metadata.userText,
+            input_tag=body.metadata.inputTag,
+            key=body.metadata.idempotencyKey,
+            sequence=body.metadata.harvestSequence,
+        )
+        return [as_dict(r) for r in results]
 
     @app.post("/api/v1/globaltags", status_code=201)
     def create_global_tag(
         body: GlobalTagCreate, identity: Writer, request: Request
     ) -> dict[str, Any]:
-        # any valid token may create a global tag; mapping a tag into it is scoped
+        check_global_tag_edit(identity, body.name)
         return db.create_global_tag(
             body.name,
             description=body.description,
             release=body.release,
             snapshot_time=body.snapshot_time,
-            user=identity[0],
+            user=identity.user,
             host=_client(request),
         )
 
@@ -358,9 +371,9 @@ def _add_write_routes(app: FastAPI, db: ConditionsDatabase, Writer: Any) -> None
     def map_global_tag(
         name: PathName, body: GlobalTagMapEntry, identity: Writer, request: Request
     ) -> dict[str, Any]:
-        user = _allow(identity, [body.tag])
+        check_global_tag_edit(identity, name)
         return db.map_global_tag(
-            name, body.record, body.label, body.tag, user=user, host=_client(request)
+            name, body.record, body.label, body.tag, user=identity.user, host=_client(request)
         )
 
 
@@ -368,20 +381,13 @@ def _client(request: Request) -> str:
     return request.client.host if request.client else ""
 
 
-def _decode(payload_b64: str, streamer: str) -> bytes:
+def _decode(payload_b64: str) -> bytes:
+    """The payload bytes; whether they are what the streamer says is the database's
+    check (:func:`loop.conddb.npy.load_npy` for arrays), the same for every client."""
     try:
-        data = base64.b64decode(payload_b64, validate=True)
+        return base64.b64decode(payload_b64, validate=True)
     except (binascii.Error, ValueError):
         raise InvalidRequest("payload_b64 is not valid base64") from None
-    if streamer == NPY_STREAMER:
-        try:
-            np.load(io.BytesIO(data), allow_pickle=False)
-        except (ValueError, OSError, EOFError):
-            raise InvalidRequest(
-                "payload is not a valid .npy array (pickles are refused)"
-            ) from None
-    assert streamer in STREAMERS
-    return data
 
 
 class ServiceThread:

@@ -15,6 +15,7 @@ from pathlib import Path
 from loop.errors import StoreError
 from loop.fsutil import atomic_write_json
 from loop.locks import FileLock
+from loop.store.names import DETTYPE, check_detector, check_inside, check_name, is_valid
 
 
 @dataclass(frozen=True)
@@ -36,8 +37,8 @@ class AliasTable:
     """The alias table of one detector type."""
 
     def __init__(self, root: Path, dettype: str) -> None:
-        self.dettype = dettype
-        self.path = root / dettype / "aliases.json"
+        self.dettype = check_name("detector type", dettype, DETTYPE)
+        self.path = check_inside(root, root / dettype / "aliases.json")
 
     def entries(self) -> list[Alias]:
         """All entries (empty when the table does not exist)."""
@@ -59,7 +60,9 @@ class AliasTable:
         lock_timeout_s: float = 30.0,
     ) -> Alias:
         """Add an entry; an alias may not point to two detectors at the same time."""
-        if not detector.startswith(f"{self.dettype}-"):
+        dettype, _, detid = detector.partition("-")
+        check_detector(dettype, detid)
+        if dettype != self.dettype:
             raise StoreError(f"detector {detector!r} is not of type {self.dettype!r}")
         entry = Alias(alias, source, detector, time.time() if begin is None else begin, end)
         if entry.end is not None and entry.end <= entry.begin:
@@ -88,7 +91,12 @@ class AliasTable:
         """Every detector type's table under ``root``."""
         if not root.is_dir():
             return []
-        return [AliasTable(root, p.parent.name) for p in sorted(root.glob("*/aliases.json"))]
+        return [
+            AliasTable(root, p.parent.name)
+            for p in sorted(root.glob("*/aliases.json"))
+            # a stray directory no detector type could have made must not break lookups
+            if is_valid(p.parent.name, DETTYPE)
+        ]
 
     @staticmethod
     def resolve_anywhere(root: Path, name: str, at: float | None) -> str | None:

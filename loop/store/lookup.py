@@ -30,6 +30,10 @@ class Validity:
     def __post_init__(self) -> None:
         if self.begin_run is None and self.begin_time is None:
             raise ValueError("a validity range needs a begin run or a begin time")
+        if any(run is not None and run < 0 for run in (self.begin_run, self.end_run)):
+            raise ValueError("run numbers cannot be negative")
+        if any(t is not None and not math.isfinite(t) for t in (self.begin_time, self.end_time)):
+            raise ValueError("times must be finite")
         if self.begin_run is None and self.end_run is not None:
             raise ValueError("an end run needs a begin run")
         if self.begin_time is None and self.end_time is not None:

@@ -46,6 +46,7 @@ from loop.fsutil import atomic_path
 from loop.locks import FileLock
 from loop.store.journal import JournaledFile, pending, recover
 from loop.store.lookup import RangeEntry, RangeIndex, Validity
+from loop.store.names import check_detector, check_inside, check_name
 
 LIBVER = "latest"
 _GEN = struct.Struct("<Q")
@@ -181,6 +182,15 @@ def _shape_mismatch(ctype_group: h5py.Group, array: np.ndarray) -> str | None:
     )
 
 
+STORABLE_KINDS = "biufc"  # bool, integer, float, complex: what a calibration array may hold
+
+
+def check_storable(what: str, dtype: np.dtype) -> None:
+    """Refuse dtypes other than plain numbers and booleans (objects, strings, records)."""
+    if dtype.kind not in STORABLE_KINDS or dtype.subdtype is not None:
+        raise StoreError(f"{what}: dtype {dtype} is not a plain numeric or boolean type")
+
+
 def _newest_valid(range_group: h5py.Group) -> str | None:
     live = [name for name, v in range_group.items() if not bool(v.attrs["retired"])]
     return max(live) if live else None
@@ -206,6 +216,14 @@ INDEX_DTYPE = np.dtype(
         ("end_time", "f8"),
     ]
 )
+
+
+def checked_range_name(validity: Validity) -> str:
+    """The range's group name, refused when it would not fit the index log."""
+    name = validity.name()
+    if len(name) > INDEX_DTYPE["range"].itemsize:
+        raise StoreError(f"range {name} does not fit the index log: its times are too large")
+    return name
 
 
 def _log(h5: h5py.File, op: int, ctype: str, range_group: h5py.Group, vid: str) -> None:
@@ -343,10 +361,9 @@ class Detector:
 
     def __init__(self, store: CalibStore, dettype: str, detid: str) -> None:
         self.store = store
-        self.dettype = dettype
-        self.detid = detid
+        self.dettype, self.detid = check_detector(dettype, detid)
         self.name = f"{dettype}-{detid}"
-        self.path = store.root / dettype / f"{self.name}.h5"
+        self.path = check_inside(store.root, store.root / dettype / f"{self.name}.h5")
         self._writer = FileLock(
             self.path.with_name(self.path.name + ".lock"), what=f"calibration file {self.path}"
         )
@@ -562,15 +579,26 @@ class Detector:
 
     @contextlib.contextmanager
     def _writing(self) -> Iterator[h5py.File]:
-        """One atomic transaction on the file under the writer lock."""
+        """One atomic transaction on the file under the writer lock.
+
+        A refused first transaction removes the file it created: a failed add or import
+        leaves no empty detector behind.
+        """
         with self._writer.hold(self.store.lock_timeout_s):
-            if not self.exists():
+            check_inside(self.store.root, self.path)  # a symlink may have appeared since
+            created = not self.exists()
+            if created:
                 self._create()
             self._recover()
             journaled = JournaledFile(self.path)
             try:
-                with h5py.File(journaled, "r+", libver=LIBVER) as h5:
-                    yield h5
+                try:
+                    with h5py.File(journaled, "r+", libver=LIBVER) as h5:
+                        yield h5
+                except BaseException:
+                    if created:
+                        self.path.unlink()
+                    raise
                 self._commit(journaled)
             finally:
                 journaled.close()
@@ -639,6 +667,8 @@ class Detector:
         produced: float,
     ) -> str:
         """Write one version inside an open transaction (shared by add and import)."""
+        check_name("calibration type", ctype)
+        check_storable(f"detector {self.name} {ctype}", array.dtype)
         ctype_group = self._ctype_group(h5, ctype)
         mismatch = _shape_mismatch(ctype_group, array)
         if mismatch and not force:
@@ -683,7 +713,7 @@ class Detector:
 
     @staticmethod
     def _range_group(ctype_group: h5py.Group, validity: Validity) -> h5py.Group:
-        name = validity.name()
+        name = checked_range_name(validity)
         if name in ctype_group:
             group = ctype_group[name]
             if _validity_of(group) != validity:
@@ -719,6 +749,10 @@ class Detector:
         """Pin ``version`` as its range's default; ``None`` (with ctype and range) unpins."""
         with self._writing() as h5:
             if version is None:
+                if ctype is not None:
+                    check_name("calibration type", ctype)
+                if range_name is not None:
+                    check_name("range", range_name)
                 if ctype is None or range_name is None or range_name not in h5.get(ctype, {}):
                     raise StoreError("unpinning needs an existing --ctype and --range")
                 range_group = h5[ctype][range_name]
