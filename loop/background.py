@@ -22,6 +22,24 @@ from typing import Generic, TypeVar
 T = TypeVar("T")
 
 
+@dataclass
+class ServiceHealth:
+    """What the daemon knows of a service it calls: shown by ``calloop status``."""
+
+    reachable: bool | None = None  # None: not called yet
+    last_success: float | None = None
+    last_error: str = ""
+    last_error_at: float | None = None
+
+    def succeeded(self, now: float) -> None:
+        """A call was answered."""
+        self.reachable, self.last_success = True, now
+
+    def failed(self, now: float, error: str) -> None:
+        """A call found the service unreachable (or refusing us)."""
+        self.reachable, self.last_error, self.last_error_at = False, error, now
+
+
 @dataclass(frozen=True)
 class Outcome(Generic[T]):
     """What a finished call returned or raised."""

@@ -11,15 +11,19 @@ Relative paths in ``loop.yaml`` are resolved against the directory of that file;
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
+import re
 import string
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails
 
 from loop.callpolicy import CallPolicy, MiB
 from loop.errors import ConfigError
@@ -28,6 +32,9 @@ Loc = tuple[str | int, ...]
 M = TypeVar("M", bound=BaseModel)
 
 TriggerType = Literal["pedestal", "physics"]
+RunType = Literal["collisions", "cosmics"]
+"""The run types the run registry reports (and the simulator plays); a typo in
+``run_selection.run_types`` would silently select nothing, so it is an error."""
 Synchronization = Literal["any", "validation", "offline", "mc", "hlt", "express", "prompt", "pcl"]
 
 
@@ -43,28 +50,36 @@ class StrictModel(BaseModel):
 class PollConfig(StrictModel):
     """How often the daemons look at the world."""
 
-    registry_s: float = Field(30.0, gt=0, description="registry poll period")
+    registry_s: float = Field(30.0, gt=0, description="seconds between registry polls")
     observer: Literal["inotify", "polling"] = Field(
         "inotify", description="'polling' for network filesystems where inotify sees nothing"
     )
-    polling_interval_s: float = Field(1.0, gt=0)
+    polling_interval_s: float = Field(
+        1.0, gt=0, description="seconds between directory scans with observer: polling"
+    )
     tick_s: float = Field(0.2, gt=0, description="longest idle wait between loop cycles")
-    heartbeat_s: float = Field(2.0, gt=0)
+    heartbeat_s: float = Field(
+        2.0, gt=0, description="seconds between status-file updates (calloop status)"
+    )
 
 
 class TimeoutConfig(StrictModel):
     """Time limits for everything that talks to another process or service."""
 
     registry_s: float = Field(10.0, gt=0, description="per attempt, the whole reply included")
-    registry_attempts: int = Field(3, ge=1)
+    registry_attempts: int = Field(3, ge=1, description="tries per registry call")
     registry_backoff_s: float = Field(0.5, ge=0, description="first backoff (jittered)")
     registry_deadline_s: float = Field(30.0, gt=0, description="all attempts of one call")
     conddb_s: float = Field(10.0, gt=0, description="per attempt, the whole reply included")
-    conddb_attempts: int = Field(3, ge=1)
+    conddb_attempts: int = Field(3, ge=1, description="tries per conditions-DB call")
     conddb_deadline_s: float = Field(60.0, gt=0, description="all attempts of one call")
     max_reply_mb: float = Field(64.0, gt=0, description="largest service reply read")
-    store_lock_s: float = Field(30.0, gt=0)
-    job_s: float = Field(3600.0, gt=0)
+    store_lock_s: float = Field(
+        30.0, gt=0, description="longest wait for the calibration store's lock"
+    )
+    job_s: float = Field(
+        3600.0, gt=0, description="run time of one job attempt before it is killed as a timeout"
+    )
     job_grace_s: float | None = Field(
         None,
         ge=0,
@@ -95,29 +110,47 @@ class TimeoutConfig(StrictModel):
 class LocalBackendConfig(StrictModel):
     """The local backend: a bounded pool of subprocesses."""
 
-    max_parallel: int = Field(2, ge=1)
+    max_parallel: int = Field(2, ge=1, description="jobs running at once, per daemon")
 
 
 class SlurmConfig(StrictModel):
     """Slurm submission settings (see ``workers/backends/slurm.py``)."""
 
-    partition: str | None = None
-    time_limit: str = "01:00:00"
-    mem: str = "1G"
-    cpus: int = Field(1, ge=1)
-    extra_directives: list[str] = Field(default_factory=list)
-    env: dict[str, str] = Field(default_factory=dict)
-    max_in_flight: int = Field(50, ge=1)
-    vanish_grace_s: float = Field(30.0, ge=0)
-    command_timeout_s: float = Field(30.0, gt=0)
+    partition: str | None = Field(None, description="sbatch --partition; null: the default")
+    time_limit: str = Field("01:00:00", description="sbatch --time")
+    mem: str = Field("1G", description="sbatch --mem")
+    cpus: int = Field(1, ge=1, description="sbatch --cpus-per-task")
+    extra_directives: list[str] = Field(
+        default_factory=list, description="further sbatch options, passed as given"
+    )
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="variables added to the environment of every Slurm command",
+    )
+    max_in_flight: int = Field(
+        50, ge=1, description="jobs submitted and not yet finished, per daemon"
+    )
+    vanish_grace_s: float = Field(
+        30.0, ge=0, description="a job gone from squeue with no record is lost after this"
+    )
+    command_timeout_s: float = Field(
+        30.0, gt=0, description="longest wait for one sbatch/squeue/sacct/scancel"
+    )
 
 
 class JobsConfig(StrictModel):
     """Job backend choice and retry policy."""
 
-    backend: Literal["local", "slurm"] = "local"
-    max_attempts: int = Field(3, ge=1)
-    retry_backoff_s: float = Field(5.0, ge=0)
+    backend: Literal["local", "slurm"] = Field(
+        "local", description="where jobs run, unless a calibration sets its own backend"
+    )
+    max_attempts: int = Field(3, ge=1, description="attempts of a job before it fails for good")
+    retry_backoff_s: float = Field(
+        5.0,
+        ge=0,
+        description="wait before a job's 2nd attempt, doubled for each further one; "
+        "also the first backoff of a failed upload",
+    )
     local: LocalBackendConfig = LocalBackendConfig()
     slurm: SlurmConfig = SlurmConfig()
 
@@ -125,15 +158,28 @@ class JobsConfig(StrictModel):
 class LoopConfig(StrictModel):
     """The global settings shared by every calibration's daemons."""
 
-    work_dir: Path
-    raw_root: Path
-    log_dir: Path
-    store_root: Path
-    registry_url: str
-    conddb_url: str
-    conddb_token_file: Path | None = None
-    calibrations_dir: Path = Path("calibrations")
-    lookback_hours: float = Field(8.0, gt=0)
+    work_dir: Path = Field(description="job directories, journals and status files")
+    raw_root: Path = Field(
+        description="raw LS files: <raw_root>/<stream>/run<R>/run<R>_ls<NNNN>.h5"
+    )
+    log_dir: Path = Field(description="<log_dir>/<Calibration>/<step>_{ALL,INFO,...}.log")
+    store_root: Path = Field(description="the versioned HDF5 calibration store")
+    registry_url: str = Field(description="run registry base URL (http or https)")
+    conddb_url: str = Field(
+        description="conditions DB: sqlite:///..., postgresql+psycopg://... or http(s)://..."
+    )
+    conddb_token_file: Path | None = Field(
+        None, description="file holding the upload token; null: no token"
+    )
+    calibrations_dir: Path = Field(
+        Path("calibrations"), description="where the <Name>.yaml calibration files are"
+    )
+    lookback_hours: float = Field(
+        8.0,
+        gt=0,
+        description="runs that started earlier are not picked up; a run never ended "
+        "is closed after this",
+    )
     registry_max_ls: int = Field(
         10_000, ge=1, le=2**31 - 1, description="largest LS number a registry record may carry"
     )
@@ -150,14 +196,21 @@ class LoopConfig(StrictModel):
 
     def conddb_token(self) -> str | None:
         """The upload token, read from ``conddb_token_file`` if one is configured."""
-        if self.conddb_token_file is None:
+        path = self.conddb_token_file
+        if path is None:
             return None
         try:
-            return self.conddb_token_file.read_text().strip()
+            mode = path.stat().st_mode
+            if mode & 0o077:  # a secret others on the machine could read or change
+                raise ConfigError(
+                    [
+                        f"conddb_token_file {path}: readable or writable by group or others "
+                        f"(mode {mode & 0o777:o}); run: chmod 600 {path}"
+                    ]
+                )
+            return path.read_text().strip()
         except OSError as exc:
-            raise ConfigError(
-                [f"conddb_token_file {self.conddb_token_file}: cannot read ({exc.strerror})"]
-            ) from exc
+            raise ConfigError([f"conddb_token_file {path}: cannot read ({exc.strerror})"]) from exc
 
 
 # ----------------------------------------------------------------- calibrations/<Name>.yaml
@@ -166,26 +219,31 @@ class LoopConfig(StrictModel):
 class Expert(StrictModel):
     """Who to call when this calibration misbehaves."""
 
-    name: str
-    email: str
+    name: str = Field(description="who or which on-call rota")
+    email: str = Field(description="contact; also the author of stored payloads")
 
 
 class RunSelection(StrictModel):
     """Which runs of the registry this calibration processes."""
 
-    run_types: list[str] = Field(default_factory=lambda: ["collisions"], min_length=1)
-    stable_beam: bool | None = Field(None, description="null: do not care")
+    run_types: list[RunType] = Field(
+        ["collisions"], min_length=1, description="run types to process"
+    )
+    stable_beam: bool | None = Field(
+        None, description="process only runs with (true) or without (false); null: both"
+    )
     min_ls: int = Field(1, ge=1, description="runs shorter than this are skipped at run end")
 
 
 class RawInput(StrictModel):
     """Where the raw LS files of this calibration's stream appear (under raw_root)."""
 
-    stream: str = Field(min_length=1)
+    stream: str = Field(min_length=1, description="directory under raw_root that is watched")
     channels: int = Field(ge=1, description="the detector's channel count; other files are bad")
 
 
 COMMAND_PLACEHOLDERS = ("inputs", "output_dir", "run", "batch", "calibration", "job_dir")
+COMMAND_DESCRIPTION = "own program as an argv template with {placeholders}; null: built-in worker"
 
 
 def check_command(command: list[str] | None) -> list[str] | None:
@@ -225,12 +283,18 @@ def check_command(command: list[str] | None) -> list[str] | None:
 class Step2Config(StrictModel):
     """Reco batching: raw LS files to reco jobs."""
 
-    min_ls_per_job: int = Field(2, ge=1)
-    max_ls_per_job: int = Field(10, ge=1)
+    min_ls_per_job: int = Field(
+        2, ge=1, description="smallest batch, unless the run ended or max_wait_s passed"
+    )
+    max_ls_per_job: int = Field(10, ge=1, description="largest batch")
     max_wait_s: float = Field(300.0, gt=0, description="launch a short batch after this wait")
-    trigger_types: list[TriggerType] = Field(min_length=1)
-    common_mode_group: int | None = Field(None, ge=2)
-    command: list[str] | None = None
+    trigger_types: list[TriggerType] = Field(min_length=1, description="events reco keeps")
+    common_mode_group: int | None = Field(
+        None,
+        ge=2,
+        description="subtract each event's median of every group of N channels; null: off",
+    )
+    command: list[str] | None = Field(None, description=COMMAND_DESCRIPTION)
 
     _command = field_validator("command")(check_command)
 
@@ -244,22 +308,24 @@ class Step2Config(StrictModel):
 class Histogram(StrictModel):
     """Optional per-channel histogram accumulated by ALCA jobs."""
 
-    bins: int = Field(64, ge=1)
-    low: float = 0.0
-    high: float = 4096.0
+    bins: int = Field(64, ge=1, description="bins per channel")
+    low: float = Field(0.0, description="lower edge (ADC)")
+    high: float = Field(4096.0, description="upper edge (ADC)")
 
 
 class Step3Config(StrictModel):
     """ALCA batching: reco outputs to mergeable per-channel accumulators."""
 
-    min_files_per_job: int = Field(1, ge=1)
-    max_files_per_job: int = Field(5, ge=1)
-    max_wait_s: float = Field(300.0, gt=0)
+    min_files_per_job: int = Field(
+        1, ge=1, description="smallest batch, unless the run ended or max_wait_s passed"
+    )
+    max_files_per_job: int = Field(5, ge=1, description="largest batch")
+    max_wait_s: float = Field(300.0, gt=0, description="launch a short batch after this wait")
     occupancy_threshold: float = Field(
         400.0, description="ADC value above which a channel counts as occupied"
     )
-    histogram: Histogram | None = None
-    command: list[str] | None = None
+    histogram: Histogram | None = Field(None, description="null: no histogram")
+    command: list[str] | None = Field(None, description=COMMAND_DESCRIPTION)
 
     _command = field_validator("command")(check_command)
 
@@ -274,11 +340,11 @@ class Step4Config(StrictModel):
     """Harvest cadence: how often statistics are re-harvested and uploaded."""
 
     harvest_every_files: int = Field(1, ge=1, description="re-harvest after N new ALCA outputs")
-    min_interval_s: float = Field(0.0, ge=0)
+    min_interval_s: float = Field(0.0, ge=0, description="least time between two harvests of a run")
     upload_intermediate: bool = Field(
         True, description="false: intermediate harvests are stored but only the final one uploaded"
     )
-    command: list[str] | None = None
+    command: list[str] | None = Field(None, description=COMMAND_DESCRIPTION)
 
     _command = field_validator("command")(check_command)
 
@@ -286,39 +352,60 @@ class Step4Config(StrictModel):
 class PayloadConfig(StrictModel):
     """What the harvest produces and where it goes."""
 
-    calibration_type: Literal["pedestals", "bad_channels"]
-    ctype: str = Field(min_length=1, description="calibration type name in the store")
-    destination_tag: str = Field(min_length=1)
-    time_type: Literal["run", "lumi", "time"] = "run"
-    synchronization: Synchronization = "prompt"
-    object_type: str = Field(min_length=1)
+    calibration_type: Literal["pedestals", "bad_channels"] = Field(
+        description="which algorithm harvests and validates the payload"
+    )
+    ctype: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+        description="calibration type name in the store (a safe store name, at most 64 chars)",
+    )
+    destination_tag: str = Field(min_length=1, description="conditions-DB tag uploaded to")
+    time_type: Literal["run", "lumi", "time"] = Field("run", description="the tag's IOV unit")
+    synchronization: Synchronization = Field("prompt", description="the tag's synchronization type")
+    object_type: str = Field(min_length=1, description="the tag's payload object type")
 
 
 class AlgorithmConfig(StrictModel):
     """Thresholds of the calibration algorithms (see ``workers/algorithms.py``)."""
 
     dead_max_noise: float = Field(0.5, ge=0, description="ADC rms below which a channel is dead")
-    noisy_noise_factor: float = Field(2.5, gt=1, description="x median noise")
-    hot_occupancy_factor: float = Field(10.0, gt=1, description="x median occupancy")
-    hot_min_occupancy: float = Field(0.05, ge=0, le=1)
+    noisy_noise_factor: float = Field(
+        2.5, gt=1, description="noisy: noise above this x the median noise"
+    )
+    hot_occupancy_factor: float = Field(
+        10.0, gt=1, description="hot: occupancy above this x the median occupancy"
+    )
+    hot_min_occupancy: float = Field(
+        0.05, ge=0, le=1, description="a hot channel is occupied in more than this fraction"
+    )
 
 
 class ValidationConfig(StrictModel):
     """Checks a harvested payload must pass before it is uploaded."""
 
-    min_events: int = Field(50, ge=1)
-    max_bad_fraction: float = Field(0.05, ge=0, le=1)
-    max_mean_shift: float | None = Field(None, gt=0, description="ADC, vs previous payload")
-    allow_nonfinite: bool = False
+    min_events: int = Field(50, ge=1, description="fewest events a payload is derived from")
+    max_bad_fraction: float = Field(
+        0.05, ge=0, le=1, description="largest fraction of bad channels"
+    )
+    max_mean_shift: float | None = Field(
+        None,
+        gt=0,
+        description="largest pedestal change vs the previous payload (ADC); null: unchecked",
+    )
+    allow_nonfinite: bool = Field(False, description="accept NaN/inf values")
 
 
 class CalibrationConfig(StrictModel):
     """One calibration workflow: its run selection, batching, payload and validation."""
 
-    name: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_]*$")
-    label: str
-    description: str
-    detector: str = Field(pattern=r"^[a-z0-9]+-[A-Za-z0-9]+$", description="<dettype>-<detid>")
+    name: str = Field(
+        pattern=r"^[A-Za-z][A-Za-z0-9_]*$", description="must equal the file name (<name>.yaml)"
+    )
+    label: str = Field(description="short human name")
+    description: str = Field(description="what is calibrated, from which events")
+    detector: str = Field(
+        pattern=r"^[a-z0-9]+-[A-Za-z0-9]+$", description="store detector name, <dettype>-<detid>"
+    )
     expert: Expert
     run_selection: RunSelection = RunSelection()
     raw_input: RawInput
@@ -328,8 +415,14 @@ class CalibrationConfig(StrictModel):
     payload: PayloadConfig
     algorithm: AlgorithmConfig = AlgorithmConfig()
     validation: ValidationConfig = ValidationConfig()
-    depends_on: list[str] = Field(default_factory=list)
-    backend: Literal["local", "slurm"] | None = None
+    depends_on: list[str] = Field(
+        default_factory=list,
+        description="calibrations this one builds on; checked to exist and not form a cycle "
+        "(no ordering is enforced)",
+    )
+    backend: Literal["local", "slurm"] | None = Field(
+        None, description="job backend of this calibration; null: jobs.backend"
+    )
 
     def canonical_json(self) -> bytes:
         """The effective configuration (defaults resolved) as canonical JSON bytes."""
@@ -396,18 +489,38 @@ def _line_of(loc: Loc, lines: dict[Loc, int]) -> int | None:
     return None
 
 
+def location(path: Path, loc: Loc, lines: dict[Loc, int]) -> str:
+    """Where a key is, as ``<file>: <key.path> (line N)``."""
+    line = _line_of(loc, lines)
+    where = f" (line {line})" if line else ""
+    return f"{path}: {_dotted(loc)}{where}"
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """``; did you mean 'x'?`` when ``word`` is close to one of ``choices``, else ``""``."""
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _literal_message(err: ErrorDetails) -> str:
+    expected = str((err.get("ctx") or {}).get("expected", ""))
+    # pydantic names the allowed values only as text ("'a', 'b' or 'c'"); ours are plain words
+    choices = re.findall(r"'([^']*)'", expected)
+    return f"{err['input']!r} is not one of {expected}" + did_you_mean(str(err["input"]), choices)
+
+
 def _format_validation(path: Path, exc: ValidationError, lines: dict[Loc, int]) -> list[str]:
     problems = []
     for err in exc.errors():
         loc: Loc = tuple(part for part in err["loc"] if isinstance(part, (str, int)))
-        line = _line_of(loc, lines)
-        where = f" (line {line})" if line else ""
         message = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             message = "unknown key (check the spelling against the documented keys)"
         elif err["type"] == "missing":
             message = "required key is missing"
-        problems.append(f"{path}: {_dotted(loc)}{where}: {message}")
+        elif err["type"] == "literal_error":
+            message = _literal_message(err)
+        problems.append(f"{location(path, loc, lines)}: {message}")
     return problems
 
 
@@ -459,6 +572,10 @@ def load_loop_config(path: Path) -> LoopConfig:
 
 def load_calibration(path: Path) -> CalibrationConfig:
     """Load and validate one calibration YAML; its ``name`` must equal the file stem."""
+    return _load_calibration(path)[0]
+
+
+def _load_calibration(path: Path) -> tuple[CalibrationConfig, dict[Loc, int]]:
     data, lines, problems = read_yaml(path)
     config = validate_model(CalibrationConfig, path, data, lines, problems)
     if config.name != path.stem:
@@ -466,7 +583,7 @@ def load_calibration(path: Path) -> CalibrationConfig:
         raise ConfigError(
             [f"{path}: name (line {line}): '{config.name}' must equal the file name '{path.stem}'"]
         )
-    return config
+    return config, lines
 
 
 def calibration_path(loop_config: LoopConfig, name: str) -> Path:
@@ -476,35 +593,67 @@ def calibration_path(loop_config: LoopConfig, name: str) -> Path:
 
 def load_all_calibrations(directory: Path) -> tuple[dict[str, CalibrationConfig], list[str]]:
     """Load every ``*.yaml`` in ``directory``; return the valid ones and every problem found,
-    including unknown or circular ``depends_on`` entries."""
+    including those between files (:func:`cross_calibration_problems`)."""
     configs: dict[str, CalibrationConfig] = {}
+    lines: dict[str, dict[Loc, int]] = {}
     problems: list[str] = []
     files = sorted(directory.glob("*.yaml")) if directory.is_dir() else []
     if not files:
         problems.append(f"{directory}: no calibration files (*.yaml) found")
     for file in files:
         try:
-            configs[file.stem] = load_calibration(file)
+            configs[file.stem], lines[file.stem] = _load_calibration(file)
         except ConfigError as exc:
             problems.extend(exc.problems)
-    problems.extend(dependency_problems(configs, directory))
+    names = {file.stem for file in files}  # an invalid file is reported, not "unknown"
+    problems.extend(cross_calibration_problems(configs, lines, directory, names))
     return configs, problems
 
 
-def dependency_problems(configs: dict[str, CalibrationConfig], directory: Path) -> list[str]:
-    """Unknown names and cycles in ``depends_on`` (A -> B -> A), as messages."""
+SHARED_TARGETS: tuple[tuple[Loc, Callable[[CalibrationConfig], str]], ...] = (
+    (("payload", "destination_tag"), lambda c: f"destination tag '{c.payload.destination_tag}'"),
+    (
+        ("payload", "ctype"),
+        lambda c: f"store entry detector '{c.detector}', ctype '{c.payload.ctype}'",
+    ),
+)
+"""What two calibrations must not share: each would overwrite the other's payloads."""
+
+
+def cross_calibration_problems(
+    configs: dict[str, CalibrationConfig],
+    lines: dict[str, dict[Loc, int]],
+    directory: Path,
+    names: set[str],
+) -> list[str]:
+    """What no single file shows: ``depends_on`` naming a calibration not in ``names`` or
+    forming a cycle (A -> B -> A), and a :data:`SHARED_TARGETS` entry written twice."""
+    where = _locator(directory, lines)
     problems = []
     for name, config in configs.items():
-        for dep in config.depends_on:
-            if dep not in configs:
-                problems.append(
-                    f"{directory / (name + '.yaml')}: depends_on: unknown calibration '{dep}'"
-                )
-    for name in configs:
+        for index, dep in enumerate(config.depends_on):
+            if dep not in names:
+                message = f"unknown calibration '{dep}'" + did_you_mean(dep, names)
+                problems.append(f"{where(name, ('depends_on', index))}: {message}")
         cycle = _find_cycle(name, configs)
         if cycle and cycle[0] == min(cycle[:-1]):  # report each cycle once
-            problems.append(f"{directory}: circular depends_on: {' -> '.join(cycle)}")
+            first_step = ("depends_on", config.depends_on.index(cycle[1]))
+            problems.append(f"{where(name, first_step)}: circular depends_on: {' -> '.join(cycle)}")
+    for loc, target in SHARED_TARGETS:
+        owners: dict[str, str] = {}
+        for name, config in configs.items():
+            first = owners.setdefault(target(config), name)
+            if first != name:
+                problems.append(
+                    f"{where(name, loc)}: {target(config)} is also that of {where(first, loc)}; "
+                    "give each calibration its own"
+                )
     return problems
+
+
+def _locator(directory: Path, lines: dict[str, dict[Loc, int]]) -> Callable[[str, Loc], str]:
+    """``<file>: <key.path> (line N)`` of a key in the calibration file of ``name``."""
+    return lambda name, loc: location(directory / f"{name}.yaml", loc, lines[name])
 
 
 def _find_cycle(start: str, configs: dict[str, CalibrationConfig]) -> list[str] | None:

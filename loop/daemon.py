@@ -46,6 +46,7 @@ from loop.config import (
     load_calibration,
     load_loop_config,
 )
+from loop.control.notify import Notifier, describe
 from loop.errors import CalloopError, ConfigError, DaemonError
 from loop.fsutil import atomic_write_json, error_path, free_space, storage_error_in
 from loop.locks import FileLock, LockTimeout
@@ -339,6 +340,11 @@ class Daemon:
                     "started": self.started,
                     "heartbeat": now,
                     "state": state or ("running" if self.degraded is None else "degraded"),
+                    "config": {
+                        "calibration_file": str(self.cal_path),
+                        "config_sha256": self.calibration.config_hash(),
+                        "loop_file": str(self.loop_config_path or ""),
+                    },
                     **status,
                 },
             )
@@ -430,18 +436,22 @@ class Daemon:
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
         signal.signal(signal.SIGHUP, self.request_reload)
+        notifier = Notifier.from_environment()  # systemd's Type=notify; no-op without it
         try:
             self.initialize()
         except CalloopError as exc:
             self.log.error("daemon cannot start", error=str(exc))  # the log files keep it too
             raise
         assert self.step is not None
+        notifier.ready(describe(self))
         tick = self.loop_config.poll.tick_s
         try:
             while not self.stop_requested:
                 self.loop(self.clock())
+                notifier.alive(lambda: describe(self))  # a hung cycle starves the watchdog
                 self._pause(tick)
         finally:
+            notifier.stopping()
             self.shutdown()
         return 0
 

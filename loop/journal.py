@@ -46,6 +46,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     PRIMARY KEY (run, batch));
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state);
 CREATE INDEX IF NOT EXISTS jobs_by_run_state ON jobs (run, state);
+CREATE TABLE IF NOT EXISTS history (
+    run INTEGER NOT NULL, state TEXT NOT NULL, time REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS history_by_run ON history (run, time);
 CREATE TABLE IF NOT EXISTS uploads (
     run INTEGER NOT NULL, seq INTEGER NOT NULL, tag TEXT NOT NULL, since INTEGER NOT NULL,
     payload TEXT NOT NULL, version TEXT NOT NULL, state TEXT NOT NULL,
@@ -55,6 +58,8 @@ CREATE TABLE IF NOT EXISTS uploads (
     PRIMARY KEY (run, seq));
 CREATE INDEX IF NOT EXISTS uploads_by_state ON uploads (state, tag);
 """
+
+HISTORY_INSERT = "INSERT INTO history (run, state, time) VALUES (?,?,?)"
 
 # Columns added after the first release: (table, column, declaration). A journal written
 # by an older calloop gets them on open, so an upgrade never needs a manual migration.
@@ -134,6 +139,7 @@ class UploadRow:
     payload_hash: str | None
     detail: str
     config_sha256: str
+    created: float
 
 
 def _open_failure(path: Path, exc: sqlite3.Error) -> str:
@@ -229,15 +235,33 @@ class Journal:
                 "INSERT OR IGNORE INTO runs (run, state, first_seen, updated) VALUES (?,?,?,?)",
                 (run, state, now, now),
             )
+            if cursor.rowcount == 1:
+                db.execute(
+                    "INSERT INTO history (run, state, time) VALUES (?,?,?)", (run, state, now)
+                )
             return cursor.rowcount == 1
 
     def set_state(self, run: int, state: str, *, active: bool = True) -> None:
-        """Persist a run's FSM state (and whether it still needs attention)."""
+        """Persist a run's FSM state (and whether it still needs attention); every
+        change of state is kept in the run's history."""
+        now = time.time()
         with self._tx() as db:
+            previous = db.execute("SELECT state FROM runs WHERE run=?", (run,)).fetchone()
             db.execute(
                 "UPDATE runs SET state=?, active=?, updated=? WHERE run=?",
-                (state, int(active), time.time(), run),
+                (state, int(active), now, run),
             )
+            if previous is None or previous[0] != state:
+                db.execute(
+                    "INSERT INTO history (run, state, time) VALUES (?,?,?)", (run, state, now)
+                )
+
+    def history(self, run: int) -> list[tuple[str, float]]:
+        """The run's states with the time each was entered, oldest first."""
+        rows = self._db.execute(
+            "SELECT state, time FROM history WHERE run=? ORDER BY time, rowid", (run,)
+        )
+        return [(str(r[0]), float(r[1])) for r in rows]
 
     def run_state(self, run: int) -> str | None:
         """The persisted state of a run."""
@@ -608,7 +632,7 @@ def _upload(row: tuple[Any, ...]) -> UploadRow:
         next_attempt,
         payload_hash,
         detail,
-        _created,
+        created,
         config_sha256,
     ) = row
     return UploadRow(
@@ -624,4 +648,5 @@ def _upload(row: tuple[Any, ...]) -> UploadRow:
         payload_hash,
         str(detail),
         str(config_sha256),
+        float(created),
     )

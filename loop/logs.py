@@ -2,20 +2,41 @@
 
 A daemon writes, under ``<log_dir>/<calibration>/``:
 
-* ``<step>_ALL.log``: every record from DEBUG up, one human-readable line each;
-* ``<step>_INFO.log``, ``_WARNING``, ``_ERROR``, ``_CRITICAL``: exactly that level, so an
-  expert can ``tail -f`` the errors alone; these and the console carry no tracebacks (a
-  record that had one says ``traceback_in=<step>_ALL.log``);
+* ``<step>_ALL.log``: every record from DEBUG up, one human-readable line each (a
+  traceback follows its record on indented lines);
+* ``<step>_INFO.log``, ``_WARNING``, ``_ERROR``, ``_CRITICAL``: exactly that level, one
+  full line per record and every field, so an expert can ``tail -f`` or grep the errors
+  alone; these and the console carry no tracebacks (a record that had one says
+  ``traceback_in=<step>_ALL.log``);
 * ``<step>.jsonl``: the same records as JSON lines, for machines.
 
+The console (stderr: a terminal, or journald under systemd) gets short lines for a
+person on shift: ``HH:MM:SS LEVEL calibration/step run=R: event`` and only the fields in
+:data:`CONSOLE_FIELDS`, each value and the whole line cut to a width; the files have the
+rest. The time is UTC, as in the files, so a console line is found there by its time. A
+CRITICAL line is shown whole (rare, and maybe the only line written when the log disk
+failed).
+
+**Repeats.** An outage repeats the same WARNING every few seconds. On the console and in
+the level files an identical record (same logger, level, event and fields; only the time
+differs) is shown once per :data:`REPEAT_WINDOW_S`, then summarised as "repeated N times
+in M s" (see :class:`RepeatFilter`). ``_ALL.log`` and the jsonl keep every record.
+
+**Escaping.** Text lines escape every value they render (event, fields, context, the
+lines of a traceback): a newline, carriage return, ANSI escape or other control character
+in a file name or a registry value shows as ``\\n``, ``\\x1b``, ... and cannot start a
+forged line or recolour a terminal. JSON lines are escaped by the JSON encoding itself.
+
 Records carry bound context (calibration, step, run, state) from structlog's contextvars
-or ``log.bind``. Files are written by :class:`DiskSafeFileHandler`, which reopens a file
-when logrotate moves it away, so no line is lost, and which survives a full or failing
-disk: a daemon's CRITICAL line about that disk still reaches stderr (journald under
-systemd) instead of drowning in one logging traceback per record. The stdlib loggers of
-libraries (transitions, urllib3, uvicorn) propagate to the root logger and land in the
-same files; transitions' per-callback chatter is demoted to DEBUG (ALL only), because
-calloop logs one structured line per state change itself.
+or ``log.bind``; records without it (library loggers, background threads) get the
+process's calibration and step. Files are written by :class:`DiskSafeFileHandler`, which
+reopens a file when logrotate moves it away, so no line is lost, and which survives a
+full or failing disk: a daemon's CRITICAL line about that disk still reaches stderr
+(journald under systemd) instead of drowning in one logging traceback per record. The
+stdlib loggers of libraries (urllib3, uvicorn) propagate to the root logger and land in
+the same files. transitions logs nothing below WARNING: its per-callback lines were 85%
+of ``_ALL.log`` and say nothing that calloop's own structured line per state change
+(``states/machine.py``) does not.
 """
 
 from __future__ import annotations
@@ -24,17 +45,37 @@ import contextlib
 import io
 import logging
 import logging.handlers
+import math
 import os
+import re
 import sys
+import threading
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 from structlog.typing import EventDict, Processor
 
 LEVEL_FILES = ("INFO", "WARNING", "ERROR", "CRITICAL")
 CONTEXT_KEYS = ("calibration", "step", "run", "state")
+# the console shows these fields only, most telling first (a long line loses its last
+# ones): why, which file, what state the run is in, which batch of it, where the
+# traceback went; run is in the line's head, and the files show every field
+CONSOLE_FIELDS = ("error", "kind", "file", "path", "state", "batch", "traceback_in")
+CONSOLE_WIDTH = 160  # characters of a console line, ellipsis included
+CONSOLE_EVENT_WIDTH = 72  # so that a long message leaves room for its fields
+CONSOLE_VALUE_WIDTH = 40  # per field: a long path or error is cut, the next field still shows
+_CONSOLE_HEAD_KEYS = ("timestamp", "level", "logger", "event", "calibration", "step", "run")
+REPEAT_WINDOW_S = 60.0
+ELLIPSIS = "\u2026"
 _HANDLER_TAG = "_calloop_handler"
+_SUMMARY_TAG = "_calloop_repeat_summary"
+_NEEDS_QUOTES = re.compile(r"[\s'\"]")
+_TIMESTAMPER = structlog.processors.TimeStamper(fmt="iso", utc=True)
+HandlerT = TypeVar("HandlerT", bound=logging.Handler)
 
 
 class ExactLevelFilter(logging.Filter):
@@ -48,16 +89,144 @@ class ExactLevelFilter(logging.Filter):
         return record.levelno == self.level
 
 
-class DemoteToDebug(logging.Filter):
-    """Turn a chatty library's INFO records into DEBUG ones (they then reach ALL only)."""
+@dataclass
+class _Repeats:
+    """A run of identical records: when the first passed, and the repeats held back."""
+
+    first: float
+    held: int = 0
+    last: float = 0.0
+    record: logging.LogRecord | None = None  # the last one held back
+
+    def summary(self) -> logging.LogRecord:
+        """The last record held back, its event prefixed by how many were."""
+        assert self.record is not None
+        note = f"repeated {self.held} times in {self.last - self.first:.0f} s"
+        record = self.record
+        if isinstance(record.msg, dict):  # structlog's event dict
+            event_dict = _TIMESTAMPER(None, "", dict(record.msg))  # the summary's own time
+            event_dict["event"] = f"{note}: {event_dict.get('event', '')}"
+            message: dict[str, Any] = {"msg": event_dict}
+        else:
+            message = {"msg": "%s: %s", "args": (note, record.getMessage())}
+        return logging.makeLogRecord(
+            {**record.__dict__, **message, "exc_info": None, "exc_text": None, _SUMMARY_TAG: True}
+        )
+
+
+class RepeatFilter(logging.Filter):
+    """Let one of a run of identical records through per window; count the others.
+
+    Identical means same logger, level, event and fields (the time aside), and the same
+    exception if any. The first record passes; identical ones within ``window_s`` of it
+    are held back and counted. Once the window has ended, the next record reaching the
+    handler (of any level: a daemon logs every state change), or closing the handler,
+    brings a summary: the last record held back, its event prefixed by "repeated N times
+    in M s". Each run of repeats has a window of its own, so two warnings that alternate
+    (two runs waiting for the same service) are both limited. Records below ``min_level``
+    are never held back.
+
+    One instance per handler, put before its other filters (it sees every record, and
+    sends its summaries through ``handler``); thread-safe.
+    """
+
+    def __init__(
+        self,
+        handler: logging.Handler,
+        window_s: float = REPEAT_WINDOW_S,
+        clock: Callable[[], float] = time.monotonic,
+        min_level: int = logging.WARNING,
+    ) -> None:
+        super().__init__()
+        self.handler = handler
+        self.window_s = window_s
+        self.clock = clock
+        self.min_level = min_level
+        self._lock = threading.Lock()
+        self._runs: dict[Hashable, _Repeats] = {}  # oldest first: windows end in this order
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno == logging.INFO:
-            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
-        return True
+        if getattr(record, _SUMMARY_TAG, False):
+            return True
+        now = self.clock()
+        with self._lock:
+            ended = self._take_ended(now)
+            passes = self._admit(record, now)
+        self._send(ended)
+        return passes
+
+    def flush(self) -> None:
+        """Send the summaries of all runs of repeats now (the handler is closing)."""
+        with self._lock:
+            ended = self._take_ended(math.inf)
+        self._send(ended)
+
+    def _take_ended(self, now: float) -> list[logging.LogRecord]:
+        ended = []
+        while self._runs:
+            key, run = next(iter(self._runs.items()))
+            if now - run.first < self.window_s:
+                break
+            del self._runs[key]
+            if run.held:
+                ended.append(run.summary())
+        return ended
+
+    def _admit(self, record: logging.LogRecord, now: float) -> bool:
+        if record.levelno < self.min_level:
+            return True
+        key = _identity(record)
+        run = self._runs.get(key)
+        if run is None:
+            self._runs[key] = _Repeats(first=now)
+            return True
+        run.held, run.last, run.record = run.held + 1, now, record
+        return False
+
+    def _send(self, summaries: list[logging.LogRecord]) -> None:
+        # outside the lock: the handler runs this filter again (summaries pass at once)
+        for summary in summaries:
+            self.handler.handle(summary)
 
 
-class DiskSafeFileHandler(logging.handlers.WatchedFileHandler):
+def _identity(record: logging.LogRecord) -> Hashable:
+    """What makes two records the same message: everything but their time."""
+    if isinstance(record.msg, dict):  # structlog's event dict
+        fields: tuple[object, ...] = tuple(
+            sorted((k, repr(v)) for k, v in record.msg.items() if k != "timestamp")
+        )
+    else:
+        fields = (record.getMessage(),)
+    return record.name, record.levelno, fields, _exception_text(record)
+
+
+def _exception_text(record: logging.LogRecord) -> str:
+    """The record's exception, if any: two errors differ when their causes do."""
+    exc: Any = record.exc_info
+    if not exc and isinstance(record.msg, dict):
+        exc = record.msg.get("exc_info")
+    if exc is True:  # log.exception(): the exception being handled, as the formatter does
+        exc = sys.exc_info()
+    if isinstance(exc, tuple):
+        exc = exc[1]
+    return repr(exc) if exc else ""
+
+
+class _SummariesOnClose(logging.Handler):
+    """Closing the handler (reload, shutdown) sends what its :class:`RepeatFilter` holds."""
+
+    def close(self) -> None:
+        for limiter in self.filters:
+            if isinstance(limiter, RepeatFilter):
+                limiter.flush()
+        super().close()
+
+
+class ConsoleHandler(_SummariesOnClose, logging.StreamHandler):
+    """The console's stream handler (its repeats are summarised when it closes)."""
+
+
+class DiskSafeFileHandler(_SummariesOnClose, logging.handlers.WatchedFileHandler):
     """A :class:`~logging.handlers.WatchedFileHandler` for a disk that may fill up or fail.
 
     The stdlib answers a failed write with a traceback on stderr for every record and
@@ -135,6 +304,12 @@ def _note_on_stderr(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
 
+# tracebacks as data without frame locals: a local may hold a token or a database URL
+_DICT_TRACEBACKS = structlog.processors.ExceptionRenderer(
+    structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+)
+
+
 def _without_traceback(where: str) -> Processor:
     """Replace a record's traceback by a pointer to the file that has it."""
 
@@ -148,25 +323,93 @@ def _without_traceback(where: str) -> Processor:
 
 
 def render_line(_logger: Any, _name: str, event_dict: EventDict) -> str:
-    """One grep-friendly line: ``time LEVEL [context] logger: event key=value ...``."""
+    """One grep-friendly line: ``time LEVEL [context] logger: event | key=value ...``,
+    every field, every value escaped; an exception follows on indented lines."""
     timestamp = event_dict.pop("timestamp", "")
     level = str(event_dict.pop("level", "info")).upper()
-    logger_name = event_dict.pop("logger", "")
-    event = event_dict.pop("event", "")
+    logger_name = _escape(str(event_dict.pop("logger", "")))
+    event = _escape(str(event_dict.pop("event", "")))
     exc = event_dict.pop("exception", None)
-    context = " ".join(f"{key}={event_dict.pop(key)}" for key in CONTEXT_KEYS if key in event_dict)
-    extras = " ".join(f"{key}={_short(value)}" for key, value in sorted(event_dict.items()))
+    context = " ".join(
+        f"{key}={_value(event_dict.pop(key))}" for key in CONTEXT_KEYS if key in event_dict
+    )
+    extras = " ".join(
+        f"{_escape(key)}={_value(value)}" for key, value in sorted(event_dict.items())
+    )
     line = f"{timestamp} {level:<8} [{context}] {logger_name}: {event}"
     if extras:
         line += f" | {extras}"
-    if exc:
-        line += "\n" + str(exc).rstrip()
+    if exc:  # indented: a line that starts with a time is always a record of its own
+        line += "".join(f"\n    {_escape(part)}" for part in str(exc).rstrip().splitlines())
     return line
 
 
-def _short(value: Any) -> str:
+def render_console(_logger: Any, _name: str, event_dict: EventDict) -> str:
+    """A line for a person on shift: ``HH:MM:SS LEVEL calibration/step run=R: event`` and
+    the :data:`CONSOLE_FIELDS` the record has, cut to :data:`CONSOLE_WIDTH`. Library
+    records name their logger before the event.
+
+    A CRITICAL line is whole, every field uncut: it is rare, and on a full or failing log
+    disk its line on stderr (journald) may be the only one written.
+    """
+    clock = str(event_dict.get("timestamp", ""))[11:19]  # HH:MM:SS of the ISO time
+    level = str(event_dict.get("level", "info")).upper()
+    whole = level == "CRITICAL"
+    event_width, value_width, width = (
+        (math.inf, math.inf, math.inf)
+        if whole
+        else (CONSOLE_EVENT_WIDTH, CONSOLE_VALUE_WIDTH, CONSOLE_WIDTH)
+    )
+    where = "/".join(
+        _escape(str(event_dict[key])) for key in ("calibration", "step") if key in event_dict
+    )
+    if "run" in event_dict:
+        where += f" run={_value(event_dict['run'])}"
+    event = _cut(_escape(str(event_dict.get("event", ""))), event_width)
+    logger_name = str(event_dict.get("logger", ""))
+    if not logger_name.startswith("calloop"):
+        event = f"{_escape(logger_name)}: {event}"
+    keys = [key for key in CONSOLE_FIELDS if key in event_dict]
+    if whole:
+        keys += sorted(set(event_dict) - set(CONSOLE_FIELDS) - set(_CONSOLE_HEAD_KEYS))
+    fields = "".join(
+        f" {_escape(key)}={_cut(_value(event_dict[key]), value_width)}" for key in keys
+    )
+    return _cut(f"{clock} {level:<8} {where}: {event}{fields}", width)
+
+
+def _escape(text: str) -> str:
+    """``text`` with each unprintable character (newline, carriage return, ANSI escape,
+    other control and Unicode line or bidi characters) as its Python escape, so that a
+    value can neither end a line nor forge the next one, nor recolour a terminal."""
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
+
+
+def _value(value: Any) -> str:
+    """A field's value as one token: as is when it can be, else quoted and escaped as
+    by ``repr`` (empty, or with a space, a quote or an unprintable character)."""
     text = str(value)
-    return repr(text) if " " in text else text
+    if text and text.isprintable() and not _NEEDS_QUOTES.search(text):
+        return text
+    return repr(text)
+
+
+def _cut(text: str, width: float) -> str:
+    return text if len(text) <= width else text[: int(width) - len(ELLIPSIS)] + ELLIPSIS
+
+
+def _process_context(calibration: str, step: str) -> Processor:
+    """Give records without context (library loggers, background threads, which do not
+    inherit the main thread's contextvars) the calibration and step of the process."""
+
+    def processor(_logger: Any, _name: str, event_dict: EventDict) -> EventDict:
+        event_dict.setdefault("calibration", calibration)
+        event_dict.setdefault("step", step)
+        return event_dict
+
+    return processor
 
 
 def _shared_processors() -> list[Processor]:
@@ -174,25 +417,26 @@ def _shared_processors() -> list[Processor]:
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _TIMESTAMPER,
         structlog.stdlib.PositionalArgumentsFormatter(),
         structlog.processors.StackInfoRenderer(),
     ]
 
 
-def _formatter(renderer: Processor, extra: list[Processor] | None = None) -> logging.Formatter:
+def _formatter(renderer: Processor, *before: Processor) -> logging.Formatter:
     return structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=_shared_processors(),
-        processors=[
-            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-            *(extra or []),
-            renderer,
-        ],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *before, renderer],
     )
 
 
-def _tagged(handler: logging.Handler) -> logging.Handler:
+def _tagged(handler: HandlerT) -> HandlerT:
     setattr(handler, _HANDLER_TAG, True)
+    return handler
+
+
+def _limited(handler: HandlerT) -> HandlerT:
+    handler.addFilter(RepeatFilter(handler))
     return handler
 
 
@@ -232,35 +476,39 @@ def setup_logging(
     root = logging.getLogger()
     _remove_our_handlers(root)
     root.setLevel(logging.DEBUG)
-    text = _formatter(render_line, [structlog.processors.format_exc_info])
+    context = _process_context(calibration, step)
     # where an operator looks (level files, console): the cause in one line, no traceback
-    brief = _formatter(render_line, [_without_traceback(f"{step}_ALL.log")])
+    brief = _without_traceback(f"{step}_ALL.log")
     if log_dir is not None:
         directory = log_dir / calibration
         directory.mkdir(parents=True, exist_ok=True)
         all_handler = DiskSafeFileHandler(directory / f"{step}_ALL.log")
-        all_handler.setFormatter(text)
+        all_handler.setFormatter(
+            _formatter(render_line, context, structlog.processors.format_exc_info)
+        )
         root.addHandler(_tagged(all_handler))
         for name in LEVEL_FILES:
-            handler = DiskSafeFileHandler(directory / f"{step}_{name}.log")
+            handler = _limited(DiskSafeFileHandler(directory / f"{step}_{name}.log"))
             handler.addFilter(ExactLevelFilter(logging.getLevelName(name)))
-            handler.setFormatter(brief)
+            handler.setFormatter(_formatter(render_line, context, brief))
             root.addHandler(_tagged(handler))
         json_handler = DiskSafeFileHandler(directory / f"{step}.jsonl")
         json_handler.setFormatter(
-            _formatter(structlog.processors.JSONRenderer(), [structlog.processors.dict_tracebacks])
+            _formatter(structlog.processors.JSONRenderer(), context, _DICT_TRACEBACKS)
         )
         root.addHandler(_tagged(json_handler))
     if console:
-        stream = logging.StreamHandler(sys.stderr)
+        stream = _limited(ConsoleHandler(sys.stderr))
         stream.setLevel(console_level)
-        stream.setFormatter(brief)
+        stream.setFormatter(_formatter(render_console, context, brief))
         root.addHandler(_tagged(stream))
     # watchdog logs every inotify event at DEBUG: noise, not information, for an expert
     logging.getLogger("watchdog").setLevel(logging.INFO)
-    transitions_logger = logging.getLogger("transitions.core")
-    if not any(isinstance(f, DemoteToDebug) for f in transitions_logger.filters):
-        transitions_logger.addFilter(DemoteToDebug())
+    # urllib3 logs every pooled connection it resets (a quarter of _ALL.log in the demo)
+    logging.getLogger("urllib3").setLevel(logging.INFO)
+    # transitions logs several lines per callback and state change (85% of _ALL.log);
+    # calloop logs one structured line per state change itself (persist_and_log)
+    logging.getLogger("transitions").setLevel(logging.WARNING)
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(calibration=calibration, step=step)
     return get_logger(f"calloop.{step}")

@@ -25,13 +25,14 @@ from collections.abc import Callable, Hashable
 import numpy as np
 import structlog
 
-from loop.background import BackgroundCall
+from loop.background import BackgroundCall, ServiceHealth
 from loop.conddb.client import Conditions
 from loop.conddb.db import ConditionsUnavailable, NotAuthorized, UploadResult
 from loop.config import CalibrationConfig
 from loop.errors import ConditionsError, ConfigError
 from loop.fsutil import sha256_file
 from loop.journal import Journal, UploadRow
+from loop.redact import redact
 
 MAX_BACKOFF_S = 300.0
 AUTH_REMINDER_S = 600.0  # a rejected token is an ERROR again at most this often
@@ -74,6 +75,7 @@ class Outbox:
         self._seen_credentials: Hashable = credentials()
         self._auth_reported_at: float | None = None
         self.last_upload: dict[str, object] | None = None
+        self.service = ServiceHealth()
 
     def pending(self, run: int | None = None) -> int:
         """Entries not yet settled (of one run, or all)."""
@@ -187,7 +189,21 @@ class Outbox:
 
     # ----------------------------------------------------------------- settling
 
+    def waiting(self, now: float) -> list[dict[str, object]]:
+        """Entries not uploaded yet, with their age and last error (for the status)."""
+        return [
+            {
+                "run": row.run,
+                "harvest": row.seq,
+                "age_s": round(now - row.created),
+                "attempts": row.attempts,
+                "last_error": row.detail,
+            }
+            for row in self.journal.uploads(states=(PENDING,))
+        ]
+
     def _uploaded(self, row: UploadRow, result: UploadResult, now: float) -> None:
+        self.service.succeeded(now)
         if self._auth_reported_at is not None:
             self.log.info("conditions DB accepts the token again")
             self._auth_reported_at = None
@@ -227,6 +243,8 @@ class Outbox:
         )
 
     def _failed(self, row: UploadRow, error: Exception, now: float) -> None:
+        if isinstance(error, ConditionsUnavailable | NotAuthorized):
+            self.service.failed(now, redact(str(error)))
         if isinstance(error, NotAuthorized | ConfigError):  # refused, or unreadable, token
             self._retry_later(row, error, now)
             self._report_auth(row, error)
@@ -236,17 +254,17 @@ class Outbox:
                 "conditions DB unavailable; upload kept in the outbox",
                 run=row.run,
                 harvest=row.seq,
-                error=str(error),
+                error=redact(str(error)),
             )
         elif isinstance(error, (ConditionsError, OSError, ValueError)):
-            self.journal.update_upload(row.run, row.seq, state=REFUSED, detail=str(error))
+            self.journal.update_upload(row.run, row.seq, state=REFUSED, detail=redact(str(error)))
             self.log.error(
                 "upload refused for good; the payload stays in the calibration store only "
                 "(an expert must upload it by hand if it is still wanted)",
                 run=row.run,
                 harvest=row.seq,
                 tag=row.tag,
-                error=str(error),
+                error=redact(str(error)),
             )
         else:  # a bug, not a verdict of the service: never settle on it
             self._retry_later(row, error, now)
@@ -254,14 +272,18 @@ class Outbox:
                 "upload failed unexpectedly; kept in the outbox",
                 run=row.run,
                 harvest=row.seq,
-                error=f"{type(error).__name__}: {error}",
+                error=redact(f"{type(error).__name__}: {error}"),
                 exc_info=error,
             )
 
     def _retry_later(self, row: UploadRow, error: Exception, now: float) -> None:
         delay = min(MAX_BACKOFF_S, self.backoff_s * 2**row.attempts)
         self.journal.update_upload(
-            row.run, row.seq, attempts=row.attempts + 1, next_attempt=now + delay, detail=str(error)
+            row.run,
+            row.seq,
+            attempts=row.attempts + 1,
+            next_attempt=now + delay,
+            detail=redact(str(error)),
         )
         self._drop_connection()
 
@@ -278,6 +300,6 @@ class Outbox:
             run=row.run,
             harvest=row.seq,
             tag=row.tag,
-            error=str(error),
+            error=redact(str(error)),
             pending=self.pending(),
         )

@@ -204,8 +204,9 @@ class RunModel:
         }
         self.log.error(
             "run failed and is quarantined in Failed; the daemon and the other runs "
-            "carry on (the reason is stored and shown by `calloop status`)",
+            "carry on. Fix the cause, then retry it",
             **{f"failure_{key}": value for key, value in failure.items()},
+            retry=f"calloop runs retry -c {self.step.calibration.name} {self.run}",
             exc_info=error,
         )
         self.step.journal.update_info(self.run, failure=failure)

@@ -23,6 +23,8 @@ import structlog
 
 from loop.batching import plan_batches
 from loop.config import CalibrationConfig, LoopConfig
+from loop.control.runcontrol import DONE, REFUSED, Command, CommandQueue
+from loop.errors import CalloopError
 from loop.fsutil import storage_error_in
 from loop.jobconfig import freeze
 from loop.jobs import JobManager, JobPolicy
@@ -42,6 +44,11 @@ from states.machine import Facts, RunModel, advance, build_machine, trigger_orde
 from workers.backends.base import Backend, JobStatus
 
 PLACEHOLDER_INPUTS = "{inputs}"
+SKIPPED = "Skipped"  # every step's state for a run an operator closed on purpose
+
+
+class CommandRefused(CalloopError):
+    """An operator command that does not apply to the run as it is."""
 
 
 @dataclass
@@ -72,6 +79,7 @@ class Step:
         self.clock = ctx.clock
         self.cal_dir = ctx.loop_config.work_dir / ctx.calibration.name
         self.journal = Journal(self.cal_dir / f"{self.name}.journal.sqlite")
+        self.commands = CommandQueue(self.journal.path)
         self.machine = build_machine(self.model_class)
         self.order = trigger_order(self.model_class.TRANSITIONS)
         self.models: dict[int, RunModel] = {}
@@ -177,6 +185,7 @@ class Step:
             self.log.error("file watcher died; restarting it and rescanning active runs")
             self.watcher.restart()
             self.startup_scan()
+        self.apply_commands()
         for path in self.watcher.drain():
             self.ingest_isolated(path)
         self.poll_external(now)
@@ -193,6 +202,89 @@ class Step:
                 del self.models[run]
         self.jobs.submit_ready(now)
         self.after_tick(now)
+
+    # ---------------------------------------------------------- operator commands
+
+    def apply_commands(self) -> None:
+        """Apply and acknowledge the operator commands queued for this step."""
+        for command in self.commands.pending():
+            try:
+                result = self._apply(command)
+            except CommandRefused as exc:
+                self.commands.settle(command.id, REFUSED, str(exc))
+                self.log.warning(
+                    "operator command refused",
+                    run=command.run,
+                    action=command.action,
+                    why=str(exc),
+                    user=command.user,
+                )
+                continue
+            self.commands.settle(command.id, DONE, result)
+            self.log.info(
+                "operator command applied",
+                run=command.run,
+                action=command.action,
+                result=result,
+                reason=command.reason,
+                user=command.user,
+            )
+
+    def _apply(self, command: Command) -> str:
+        if command.action == "skip":
+            return self._skip(command.run, command.reason)
+        if command.batch is not None:
+            return self._retry_batch(command.run, command.batch)
+        return self._retry_run(command.run)
+
+    def _retry_run(self, run: int) -> str:
+        """A Failed run starts again from the initial state: every action is
+        idempotent and the journal holds its inputs, batches and succeeded jobs, so
+        only what did not succeed is done again. Given-up batches are retried too."""
+        state = self.journal.run_state(run)
+        if state != self.model_class.FAILED.name:
+            raise CommandRefused(f"run {run} is {state or 'unknown'} in {self.name}, not Failed")
+        self.journal.update_info(run, failure=None)
+        requeued = self._requeue_given_up(run)
+        initial = self.model_class.INITIAL.name
+        self.journal.set_state(run, initial, active=True)
+        self._add_model(run, initial)
+        return f"run {run} back in {initial}; {requeued} given-up batch(es) queued again"
+
+    def _retry_batch(self, run: int, batch: int) -> str:
+        job = self.journal.job(run, batch)
+        if job is None or job.state != JobPhase.GIVEN_UP:
+            phase = "no job" if job is None else job.state.value
+            raise CommandRefused(f"batch {batch} of run {run} is {phase}, not given up")
+        if run not in self.models:
+            raise CommandRefused(
+                f"run {run} is closed in {self.name}; retry the run instead of one batch"
+            )
+        self.journal.update_job(
+            run, batch, state=JobPhase.PENDING, attempts=0, next_attempt=0, detail="retried"
+        )
+        return f"batch {batch} of run {run} queued again"
+
+    def _requeue_given_up(self, run: int) -> int:
+        given_up = self.journal.jobs(run=run, states=(JobPhase.GIVEN_UP,))
+        for job in given_up:
+            self.journal.update_job(
+                run, job.batch, state=JobPhase.PENDING, attempts=0, next_attempt=0
+            )
+        return len(given_up)
+
+    def _skip(self, run: int, reason: str) -> str:
+        """Close a run on purpose: it leaves processing in this step, with the reason."""
+        state = self.journal.run_state(run)
+        if state is not None and state in self.final_states:
+            raise CommandRefused(f"run {run} is already {state} in {self.name}")
+        self.journal.ensure_run(run, SKIPPED, self.clock())
+        self.journal.update_info(run, skip_reason=f"operator: {reason}")
+        self.journal.set_state(run, SKIPPED, active=False)
+        model = self.models.pop(run, None)
+        if model is not None:
+            self.machine.remove_model(model)
+        return f"run {run} skipped in {self.name} (was {state or 'not seen yet'})"
 
     def ingest_isolated(self, path: Path) -> None:
         """:meth:`ingest`, where an unexpected error costs only this file: one ERROR
@@ -478,6 +570,7 @@ class Step:
 
     def close(self) -> None:
         """Release the journal."""
+        self.commands.close()
         self.journal.close()
 
 

@@ -13,7 +13,8 @@ LaunchingExpressJobs   submitting due jobs to the backend (within its limit)
 WaitingForJobs         run ended and every LS is batched; waiting for jobs to settle
 CleanupState           every job finished or was given up: writing ``run.end``
 Done                   complete
-Skipped                not selected: the rule that excluded it is logged once (INFO)
+Skipped                not selected (the rule is logged once, INFO), or closed on purpose
+                       by an operator (``calloop runs skip``)
 Failed                 handling the run raised: quarantined, reason stored (status)
 =====================  =============================================================
 
@@ -33,14 +34,15 @@ different input; the run's marker and the journal list it.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import asdict, replace
 from datetime import datetime
 from enum import Enum, auto
 from pathlib import Path
+from typing import Any
 
 from transitions import EventData
 
-from loop.background import BackgroundCall
+from loop.background import BackgroundCall, ServiceHealth
 from loop.errors import RegistryError
 from loop.fsutil import atomic_write_json, is_temporary
 from loop.journal import NewInput
@@ -176,6 +178,7 @@ class Step2(Step):
         self._registry_down = False
         self._poll: BackgroundCall[Listing[RunInfo]] = BackgroundCall("registry-poll")
         self._bad_records: set[tuple[str, str]] = set()  # (run, field) already reported
+        self.registry_health = ServiceHealth()
         self._warned: set[Path] = set()  # non-canonical names already reported
 
     @property
@@ -286,6 +289,7 @@ class Step2(Step):
         return start
 
     def _registry_failed(self, error: Exception) -> None:
+        self.registry_health.failed(self.clock(), str(error))
         if not isinstance(error, RegistryError):
             error = RegistryError(f"run registry poll failed: {type(error).__name__}: {error}")
         if not self._registry_down:
@@ -295,6 +299,7 @@ class Step2(Step):
         self._registry_down = True
 
     def _registry_answered(self, listing: Listing[RunInfo], now: float) -> None:
+        self.registry_health.succeeded(now)
         if self._registry_down:
             self.log.info("run registry reachable again")
         self._registry_down = False
@@ -446,3 +451,6 @@ class Step2(Step):
 
     def external_command(self) -> list[str] | None:
         return self.calibration.step2.command
+
+    def status(self) -> dict[str, Any]:
+        return {**super().status(), "registry": asdict(self.registry_health)}

@@ -13,6 +13,7 @@ LaunchingAlCaJobs      submitting due jobs
 WaitingForJobs         step 2 complete and everything batched; jobs still open
 Cleanup                writing ``step3.done`` (lists every witness, every failed batch)
 Done                   complete
+Skipped                closed on purpose by an operator (``calloop runs skip``)
 Failed                 handling the run raised: quarantined, reason stored (status)
 =====================  =============================================================
 """
@@ -38,6 +39,7 @@ class Step3State(Enum):
     WaitingForJobs = auto()
     Cleanup = auto()
     Done = auto()
+    Skipped = auto()
     Failed = auto()
 
 
@@ -126,7 +128,7 @@ class Step3(FollowsUpstream):
     name = "step3"
     worker = "alca"
     model_class = Step3Run
-    final_states = ("Done",)
+    final_states = ("Done", "Skipped")
     marker_name = "step3.done"
     upstream = "step2"
     upstream_marker = "run.end"

@@ -23,6 +23,7 @@ Rejected                   complete, but the final payload failed validation: ke
                            the store (retired) for inspection, not uploaded
 UploadRefused              complete, but the conditions DB refused the final payload
                            for good (e.g. a synchronization rule): in the store only
+Skipped                    closed on purpose by an operator (``calloop runs skip``)
 Failed                     handling the run raised: quarantined, reason stored (status)
 =========================  =========================================================
 
@@ -38,7 +39,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import asdict, replace
 from enum import Enum, auto
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,7 @@ class Step4State(Enum):
     Done = auto()
     Rejected = auto()
     UploadRefused = auto()
+    Skipped = auto()
     Failed = auto()
 
 
@@ -252,7 +254,7 @@ class Step4(FollowsUpstream):
     name = "step4"
     worker = "harvest"
     model_class = Step4Run
-    final_states = ("Done", "Rejected", "UploadRefused")
+    final_states = ("Done", "Rejected", "UploadRefused", "Skipped")
     ATTENTION_STATES = ("Failed", "Rejected", "UploadRefused")
     marker_name = "step4.done"
     upstream = "step3"
@@ -510,5 +512,7 @@ class Step4(FollowsUpstream):
         return {
             **super().status(),
             "uploads_pending": self.outbox.pending(),
+            "uploads_waiting": self.outbox.waiting(self.clock()),
             "last_upload": self.outbox.last_upload,
+            "conditions_db": asdict(self.outbox.service),
         }

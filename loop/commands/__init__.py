@@ -10,8 +10,11 @@ from loop.commands import (
     config_cmd,
     daemon_cmd,
     demo_cmd,
+    runs_cmd,
     sim_cmd,
     store_cmd,
+    systemd_cmd,
+    tmux_cmd,
 )
 
 COMMAND_GROUPS: list[Callable[[Any], None]] = [
@@ -21,4 +24,7 @@ COMMAND_GROUPS: list[Callable[[Any], None]] = [
     conddb_cmd.register,
     daemon_cmd.register,
     demo_cmd.register,
+    runs_cmd.register,
+    systemd_cmd.register,
+    tmux_cmd.register,
 ]

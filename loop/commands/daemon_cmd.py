@@ -12,11 +12,15 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn
 
-from loop.commands.common import add_json_flag, emit
+from loop.commands.common import add_json_flag, emit, when
 from loop.config import LoopConfig, default_config_dir, load_loop_config
-from loop.errors import CalloopError
+from loop.errors import CalloopError, ConfigError
 from loop.logs import setup_logging
 from states import STEPS
+
+# sysexits.h EX_CONFIG: restarting cannot help until someone fixes the file, so the
+# units name it in RestartPreventExitStatus= (any other failure is restarted)
+EXIT_CONFIG = 78
 
 
 def add_config_option(parser: argparse.ArgumentParser) -> None:
@@ -38,10 +42,13 @@ def register(subparsers: Any) -> None:
         parser.add_argument(
             "--quiet",
             action="store_true",
-            help="only CRITICAL lines on stderr (systemd's journal); the log files get all",
+            help="only CRITICAL lines on stderr; the log files get all (the systemd units "
+            "leave it off: the journal is where an operator looks first)",
         )
         parser.set_defaults(handler=run_daemon, step=step)
-    status = subparsers.add_parser("status", help="pid, heartbeat, runs and jobs of each daemon")
+    status = subparsers.add_parser(
+        "status", help="each daemon: runs, jobs, uploads, services; exit 1 if it needs an operator"
+    )
     add_config_option(status)
     add_json_flag(status)
     status.set_defaults(handler=cmd_status)
@@ -51,17 +58,23 @@ def register(subparsers: Any) -> None:
     graph.set_defaults(handler=cmd_graph)
 
 
-def run_daemon(args: argparse.Namespace) -> NoReturn:
+def run_daemon(args: argparse.Namespace) -> int:
     """Run one daemon in the foreground (tmux or systemd) until SIGTERM, then end the
-    process at once (see :func:`exit_now`)."""
+    process at once (see :func:`exit_now`). An invalid loop.yaml or calibration YAML at
+    start is one line and :data:`EXIT_CONFIG`, which the units exclude from restarts."""
     from loop.daemon import Daemon
 
     path = args.config or default_config_dir() / "loop.yaml"
-    loop_config = load_loop_config(path)
-    level = logging.CRITICAL if args.quiet else logging.INFO
-    setup_logging(loop_config.log_dir, args.calibration, args.step, console_level=level)
-    daemon = Daemon(args.step, loop_config, args.calibration, loop_config_path=path)
-    exit_now(daemon.run_forever())
+    try:
+        loop_config = load_loop_config(path)
+        level = logging.CRITICAL if args.quiet else logging.INFO
+        setup_logging(loop_config.log_dir, args.calibration, args.step, console_level=level)
+        daemon = Daemon(args.step, loop_config, args.calibration, loop_config_path=path)
+        code = daemon.run_forever()
+    except ConfigError as exc:
+        print(f"calloop: error: {exc}", file=sys.stderr)  # the one line of loop.cli
+        return EXIT_CONFIG
+    exit_now(code)
 
 
 def exit_now(code: int) -> NoReturn:
@@ -123,6 +136,16 @@ def cmd_status(args: argparse.Namespace) -> int:
                 extra += " | NEEDS ATTENTION " + ", ".join(f"{k}:{v}" for k, v in attention.items())
             if r.get("degraded_reason"):
                 extra += f" | DEGRADED {r['degraded_reason']}"
+            for service in ("registry", "conditions_db"):
+                health = r.get(service) or {}
+                if health.get("reachable") is False:
+                    extra += (
+                        f" | {service.upper()} UNREACHABLE since {when(health['last_error_at'])}"
+                    )
+            waiting = r.get("uploads_waiting") or []
+            if waiting:
+                oldest = max(w["age_s"] for w in waiting)
+                extra += f" | {len(waiting)} upload(s) waiting, oldest {oldest} s"
             state = r["state"] if r["alive"] or r["state"] not in LIVE_STATES else "DEAD"
             lines.append(
                 f"{r['calibration']:<16} {r['step']:<6} {r['pid']:>7} {state:<8} "
@@ -131,7 +154,24 @@ def cmd_status(args: argparse.Namespace) -> int:
             )
         return "\n".join(lines) if rows else "(no daemon has run under this work directory)"
 
-    return emit(args, rows, text)
+    emit(args, rows, text)
+    return 1 if any(needs_operator(r) for r in rows) else 0
+
+
+def needs_operator(row: dict[str, Any]) -> bool:
+    """A daemon's status that an operator must look at (the exit status of ``status``,
+    for monitoring scripts): dead or degraded, runs needing attention, a service down."""
+    dead = row.get("state") in LIVE_STATES and not row.get("alive")
+    unreachable = any(
+        (row.get(service) or {}).get("reachable") is False
+        for service in ("registry", "conditions_db")
+    )
+    return (
+        dead
+        or row.get("state") == "degraded"
+        or bool(row.get("runs_needing_attention"))
+        or unreachable
+    )
 
 
 def cmd_graph(args: argparse.Namespace) -> int:

@@ -1,0 +1,1 @@
+"""Running and controlling the daemons from outside: service managers, sessions, commands."""

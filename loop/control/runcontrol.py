@@ -1,0 +1,132 @@
+"""Operator commands on runs (``calloop runs retry|skip``), queued where the daemon that
+must act will find them: a ``commands`` table in that step's journal database.
+
+The CLI writes a command with who, when and why; the daemon applies pending commands at
+the start of a cycle and acknowledges each one (``done`` or ``refused``, with what it
+did or why not). Asking again while the same command is pending returns the pending
+one, so a command is idempotent; with the daemon stopped it simply waits for the next
+start. The table is the audit trail: nothing is ever deleted from it.
+"""
+
+from __future__ import annotations
+
+import getpass
+import socket
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ACTIONS = ("retry", "skip")
+PENDING, DONE, REFUSED = "pending", "done", "refused"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS commands (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, run INTEGER NOT NULL, action TEXT NOT NULL,
+    batch INTEGER, reason TEXT NOT NULL, user TEXT NOT NULL, host TEXT NOT NULL,
+    created REAL NOT NULL, state TEXT NOT NULL DEFAULT 'pending',
+    result TEXT NOT NULL DEFAULT '', settled REAL);
+CREATE INDEX IF NOT EXISTS commands_by_state ON commands (state, id);
+"""
+
+
+@dataclass(frozen=True)
+class Command:
+    """One operator command and its acknowledgement."""
+
+    id: int
+    run: int
+    action: str
+    batch: int | None
+    reason: str
+    user: str
+    host: str
+    created: float
+    state: str
+    result: str
+    settled: float | None
+
+
+class CommandQueue:
+    """The operator commands of one step (one journal database file)."""
+
+    def __init__(self, journal_path: Path) -> None:
+        self.path = journal_path
+        self._db = sqlite3.connect(journal_path, timeout=30, isolation_level=None)
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        """Close the connection."""
+        self._db.close()
+
+    def submit(self, run: int, action: str, *, reason: str, batch: int | None = None) -> Command:
+        """Queue a command, or return the identical one still pending."""
+        if action not in ACTIONS:
+            raise ValueError(f"unknown action {action!r}; expected one of {ACTIONS}")
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            row = self._db.execute(
+                "SELECT * FROM commands WHERE run=? AND action=? AND batch IS ? AND state=?",
+                (run, action, batch, PENDING),
+            ).fetchone()
+            if row is None:
+                cursor = self._db.execute(
+                    "INSERT INTO commands (run, action, batch, reason, user, host, created) "
+                    "VALUES (?,?,?,?,?,?,?)",
+                    (run, action, batch, reason, _user(), socket.gethostname(), time.time()),
+                )
+                row = self._db.execute(
+                    "SELECT * FROM commands WHERE id=?", (cursor.lastrowid,)
+                ).fetchone()
+            self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise
+        return _command(row)
+
+    def pending(self) -> list[Command]:
+        """Commands not yet applied, oldest first."""
+        rows = self._db.execute("SELECT * FROM commands WHERE state=? ORDER BY id", (PENDING,))
+        return [_command(r) for r in rows]
+
+    def get(self, command_id: int) -> Command | None:
+        """One command by id."""
+        row = self._db.execute("SELECT * FROM commands WHERE id=?", (command_id,)).fetchone()
+        return None if row is None else _command(row)
+
+    def of_run(self, run: int) -> list[Command]:
+        """Every command given for a run, oldest first."""
+        rows = self._db.execute("SELECT * FROM commands WHERE run=? ORDER BY id", (run,))
+        return [_command(r) for r in rows]
+
+    def settle(self, command_id: int, state: str, result: str) -> None:
+        """Acknowledge a command: ``done`` or ``refused``, with what happened."""
+        self._db.execute(
+            "UPDATE commands SET state=?, result=?, settled=? WHERE id=?",
+            (state, result, time.time(), command_id),
+        )
+
+
+def _command(row: tuple[object, ...]) -> Command:
+    ident, run, action, batch, reason, user, host, created, state, result, settled = row
+    return Command(
+        int(ident),  # type: ignore[call-overload]
+        int(run),  # type: ignore[call-overload]
+        str(action),
+        None if batch is None else int(batch),  # type: ignore[call-overload]
+        str(reason),
+        str(user),
+        str(host),
+        float(created),  # type: ignore[arg-type]
+        str(state),
+        str(result),
+        None if settled is None else float(settled),  # type: ignore[arg-type]
+    )
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (containers)
+        return "unknown"
