@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up everything the test suite needs on a fresh machine and runs it:
-#   system packages (PostgreSQL, Slurm + munge, graphviz) when root and missing,
+#   system packages (PostgreSQL, Slurm + munge, graphviz, tmux, systemd-analyze) when root
+#   and missing,
 #   a virtualenv with calloop and its test extras, ruff, mypy, then pytest.
 # Extra arguments go to pytest (e.g. `bash tests/run.sh -k store -x`).
 set -euo pipefail
@@ -11,6 +12,8 @@ compgen -G "/usr/lib/postgresql/*/bin/initdb" > /dev/null || missing+=(postgresq
 command -v slurmctld > /dev/null || missing+=(slurm-wlm)
 command -v munged > /dev/null || [ -x /usr/sbin/munged ] || missing+=(munge)
 command -v dot > /dev/null || missing+=(graphviz)
+command -v tmux > /dev/null || missing+=(tmux)
+command -v systemd-analyze > /dev/null || missing+=(systemd)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     echo "== installing system packages: ${missing[*]}"
