@@ -89,7 +89,9 @@ class BackgroundCall(Generic[T]):
             call = self._requests.get()
             try:
                 outcome: Outcome[T] = Outcome(value=call())
-            except Exception as exc:  # handed to the loop, which logs it with context
-                outcome = Outcome(error=exc)
+            except BaseException as exc:  # handed to the loop, which logs it with context;
+                # nothing may end this thread, or the loop would wait for it forever
+                error = exc if isinstance(exc, Exception) else RuntimeError(repr(exc))
+                outcome = Outcome(error=error)
             with self._lock:
                 self._outcome = outcome

@@ -27,7 +27,15 @@ import structlog
 from loop.errors import CalloopError, JobError
 from loop.fsutil import storage_error_in
 from loop.journal import IN_FLIGHT_STATES, JobPhase, JobRow, Journal
-from workers.backends.base import Backend, BackendUnavailable, JobSpec, JobState, JobStatus
+from workers.backends.base import (
+    Backend,
+    BackendUnavailable,
+    JobSpec,
+    JobState,
+    JobStatus,
+    exit_status_path,
+    started_path,
+)
 
 
 @dataclass(frozen=True)
@@ -87,9 +95,20 @@ class JobManager:
         )
 
     def adopt(self) -> None:
-        """After a restart: resolve attempts whose submission was interrupted."""
+        """Resolve attempts whose submission was interrupted (a crash, or a submit
+        command that timed out: the batch system may have queued the job anyway), by
+        asking the backend, so an attempt is never submitted twice."""
         for job in self.journal.jobs(states=(JobPhase.SUBMITTING,)):
-            found = self.backend.find(self.spec(job, job.attempts))
+            try:
+                found = self.backend.find(self.spec(job, job.attempts))
+            except BackendUnavailable as exc:
+                self.log.warning(
+                    "batch system unavailable; submission resolved later",
+                    run=job.run,
+                    batch=job.batch,
+                    error=str(exc),
+                )
+                continue
             if found is None:
                 self.journal.update_job(
                     job.run, job.batch, state=JobPhase.PENDING, attempts=job.attempts - 1
@@ -105,6 +124,7 @@ class JobManager:
 
     def submit_ready(self, now: float) -> int:
         """Submit due jobs while the backend has room; returns how many were submitted."""
+        self.adopt()  # submissions left unresolved by a timed-out submit command
         in_flight = len(self.journal.jobs(states=IN_FLIGHT_STATES))
         room = self.backend.max_in_flight - in_flight
         if room <= 0:
@@ -119,12 +139,16 @@ class JobManager:
     def _submit(self, job: JobRow, now: float) -> bool:
         attempt = job.attempts + 1
         spec = self.spec(job, attempt)
+        # an operator's retry numbers attempts from 1 again: an earlier attempt's status
+        # files must not be read as this attempt's
+        for stale in (exit_status_path(spec), started_path(spec)):
+            stale.unlink(missing_ok=True)
         self.journal.update_job(job.run, job.batch, state=JobPhase.SUBMITTING, attempts=attempt)
         try:
             backend_id = self.backend.submit(spec)
         except BackendUnavailable as exc:
-            self.journal.update_job(job.run, job.batch, state=job.state, attempts=job.attempts)
-            self.log.warning("batch system unavailable; will retry submission", error=str(exc))
+            # it stays SUBMITTING: the next cycle asks the backend whether it was queued
+            self.log.warning("batch system unavailable; submission checked again", error=str(exc))
             return False
         except JobError as exc:
             self._failed(job, attempt, JobStatus(JobState.FAILED, None, str(exc)), now)

@@ -27,14 +27,19 @@ import structlog
 
 from loop.background import BackgroundCall, ServiceHealth
 from loop.conddb.client import Conditions
-from loop.conddb.db import ConditionsUnavailable, NotAuthorized, UploadResult
+from loop.conddb.db import ConditionsUnavailable, InvalidRequest, NotAuthorized, UploadResult
+from loop.conddb.rules import RuleRefused
 from loop.config import CalibrationConfig
-from loop.errors import ConditionsError, ConfigError
+from loop.errors import ConfigError
 from loop.fsutil import sha256_file
 from loop.journal import Journal, UploadRow
 from loop.redact import redact
 
 MAX_BACKOFF_S = 300.0
+# a verdict on the payload itself: asking again gives the same answer. Everything else
+# (an unreachable service, a refused token, an I/O error reading the payload file, an
+# answer not understood) keeps the upload pending
+PERMANENT = (RuleRefused, InvalidRequest, FileNotFoundError, ValueError)
 AUTH_REMINDER_S = 600.0  # a rejected token is an ERROR again at most this often
 PENDING, DONE, SUPERSEDED, REFUSED = "pending", "done", "superseded", "refused"
 
@@ -256,7 +261,7 @@ class Outbox:
                 harvest=row.seq,
                 error=redact(str(error)),
             )
-        elif isinstance(error, (ConditionsError, OSError, ValueError)):
+        elif isinstance(error, PERMANENT):
             self.journal.update_upload(row.run, row.seq, state=REFUSED, detail=redact(str(error)))
             self.log.error(
                 "upload refused for good; the payload stays in the calibration store only "
@@ -266,7 +271,7 @@ class Outbox:
                 tag=row.tag,
                 error=redact(str(error)),
             )
-        else:  # a bug, not a verdict of the service: never settle on it
+        else:  # a transient fault of ours or an unclassified answer: never settle on it
             self._retry_later(row, error, now)
             self.log.error(
                 "upload failed unexpectedly; kept in the outbox",

@@ -210,14 +210,18 @@ class Step:
         for command in self.commands.pending():
             try:
                 result = self._apply(command)
-            except CommandRefused as exc:
+            except Exception as exc:  # refused, or failed: either way answered, never again
+                if storage_error_in(exc):
+                    raise  # the disk: the command stays pending for the degraded wait
                 self.commands.settle(command.id, REFUSED, str(exc))
-                self.log.warning(
-                    "operator command refused",
+                refused = isinstance(exc, CommandRefused)
+                (self.log.warning if refused else self.log.error)(
+                    "operator command refused" if refused else "operator command failed",
                     run=command.run,
                     action=command.action,
                     why=str(exc),
                     user=command.user,
+                    exc_info=None if refused else exc,
                 )
                 continue
             self.commands.settle(command.id, DONE, result)

@@ -120,6 +120,12 @@ TRANSITIONS: list[Transition] = [
         "conditions": "final_harvest_ready",
     },
     {
+        "trigger": "publish",
+        "source": S.CheckingFiles,
+        "dest": S.Uploading,
+        "conditions": "has_unpublished",
+    },
+    {
         "trigger": "cleanup",
         "source": S.CheckingFiles,
         "dest": S.Cleanup,
@@ -204,9 +210,15 @@ class Step4Run(RunModel):
             and not f.unpublished
         )
 
+    def has_unpublished(self, _event: EventData) -> bool:
+        """A finished harvest was never published (its publication failed and the run
+        was retried): publish it before anything else."""
+        return self.facts.unpublished and self.facts.jobs_open == 0
+
     def has_news(self, event: EventData) -> bool:
         return (
-            self.has_unjobbed(event)
+            self.has_unpublished(event)
+            or self.has_unjobbed(event)
             or self.harvest_ready(event)
             or self.final_harvest_ready(event)
             or self.all_harvested(event)

@@ -2,7 +2,8 @@
 
 Usage: ``python -m tests.store_crash_child ROOT START``. Version k holds
 ``np.full(64, k)`` valid from run k; every 5th commit also retires the previous one.
-After each completed call it prints ``added K VID`` (or ``retired VID``) and flushes.
+It prints ``ready`` once the detector is open, then after each completed call ``added K
+VID`` (or ``retired VID``), flushing each line.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from loop.store import CalibStore
 def main() -> None:
     root, start = Path(sys.argv[1]), int(sys.argv[2])
     detector = CalibStore(root).detector("ecal-0001", create=True)
+    print("ready", flush=True)  # the parent kills at random moments after this
     previous = None
     for k in range(start, start + 100_000):
         vid = detector.add(

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from loop.daemon import Daemon
+from loop.errors import StoreError
 from loop.sim.scenario import RunSpec
 from states.step import Step
 from tests.conftest import run_cli
@@ -137,5 +138,30 @@ def test_status_json_reports_failed_runs_pending_uploads_and_unreachable_service
         assert rows["step4"]["config"]["config_sha256"]
         text = run_cli("status", "--config", str(h.root / "config" / "loop.yaml"))
         assert "CONDITIONS_DB UNREACHABLE" in text.stdout and "upload(s) waiting" in text.stdout
+    finally:
+        h.stop()
+
+
+def test_a_run_failed_while_publishing_is_published_on_retry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A harvest that succeeded but whose publication failed is published when the run
+    is retried (it used to wait in WaitingForFiles forever)."""
+    h = harness(tmp_path, scenario(_run(RUN_A)))
+    try:
+        daemons = [h.start(step, CAL) for step in ("step2", "step3", "step4")]
+
+        def store_down(run: int) -> None:
+            raise StoreError(f"store lock not acquired for run {run}")
+
+        monkeypatch.setattr(_step(daemons[2]), "publish", store_down)
+        h.play()
+        h.run_until(lambda: _state(daemons[2], RUN_A) == "Failed", timeout=90)
+        monkeypatch.undo()
+        code, out = _cli(h, "runs", "retry", "-c", CAL, str(RUN_A), "--reason", "ok", "--wait", "0")
+        assert code == 0, out
+        h.run_until(lambda: _state(daemons[2], RUN_A) == "Done", timeout=60)
+        summary = json.loads((_step(daemons[2]).step_dir(RUN_A) / "summary.json").read_text())
+        assert (summary["outcome"], summary["upload"]) == ("accepted", "done")
     finally:
         h.stop()

@@ -22,6 +22,7 @@ from loop.journal import Journal
 from states import STEPS
 
 FAILED = "Failed"
+CLOSED = ("Done", "Skipped", "Rejected", "UploadRefused")  # final states of any step
 
 
 def register(subparsers: Any) -> None:
@@ -235,9 +236,9 @@ def cmd_skip(args: argparse.Namespace) -> int:
     """Queue a skip in every step that has not finished the run."""
     loop_config = loop_config_from(args)
     journals = _journals(loop_config, args.calibration)
-    steps = [s for s, state in run_states(journals, args.run).items() if state != "Done"]
+    steps = [s for s, state in run_states(journals, args.run).items() if state not in CLOSED]
     if not steps:
-        raise CalloopError(f"run {args.run} is Done in every step; nothing to skip")
+        raise CalloopError(f"run {args.run} is closed in every step; nothing to skip")
     return _queue(loop_config, args, steps, "skip")
 
 

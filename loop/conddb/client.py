@@ -482,6 +482,8 @@ def _error(response: BoundedResponse) -> ConditionsError:
     status = response.status_code
     if status in (401, 403):
         return NotAuthorized(message)
+    if status in (408, 429):  # the service (or a proxy) asks us to come back later
+        return ConditionsUnavailable(message)
     if status == 404:
         return NotFound(message)
     if status in (400, 413, 422):
