@@ -178,6 +178,7 @@ class Daemon:
         self.loop_config_path = loop_config_path  # re-read on SIGHUP when known
         self.cal_path = calibration_path(loop_config, calibration)
         self.calibration = load_calibration(self.cal_path)
+        self.config_sha256 = self.calibration.config_hash()  # shown in every heartbeat
         self.clock = clock
         self.monotonic = monotonic
         self.pace = pace
@@ -315,11 +316,10 @@ class Daemon:
             )
             return
         self.calibration, self.loop_config = calibration, loop_config
+        self.config_sha256 = calibration.config_hash()
         if self.step is not None:
             self.step.reconfigure(loop_config, calibration)
-        self.log.info(
-            "configuration reloaded", changed=changed, config_sha256=calibration.config_hash()
-        )
+        self.log.info("configuration reloaded", changed=changed, config_sha256=self.config_sha256)
 
     def _heartbeat(self, now: float, state: str | None = None) -> None:
         """Publish the status; ``state`` defaults to running, or degraded with the reason."""
@@ -342,7 +342,7 @@ class Daemon:
                     "state": state or ("running" if self.degraded is None else "degraded"),
                     "config": {
                         "calibration_file": str(self.cal_path),
-                        "config_sha256": self.calibration.config_hash(),
+                        "config_sha256": self.config_sha256,
                         "loop_file": str(self.loop_config_path or ""),
                     },
                     **status,

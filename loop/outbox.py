@@ -248,31 +248,32 @@ class Outbox:
         )
 
     def _failed(self, row: UploadRow, error: Exception, now: float) -> None:
+        text = redact(str(error))  # what is journaled and logged never holds a secret
         if isinstance(error, ConditionsUnavailable | NotAuthorized):
-            self.service.failed(now, redact(str(error)))
+            self.service.failed(now, text)
         if isinstance(error, NotAuthorized | ConfigError):  # refused, or unreadable, token
-            self._retry_later(row, error, now)
-            self._report_auth(row, error)
+            self._retry_later(row, text, now)
+            self._report_auth(row, text)
         elif isinstance(error, ConditionsUnavailable):
-            self._retry_later(row, error, now)
+            self._retry_later(row, text, now)
             self.log.warning(
                 "conditions DB unavailable; upload kept in the outbox",
                 run=row.run,
                 harvest=row.seq,
-                error=redact(str(error)),
+                error=text,
             )
         elif isinstance(error, PERMANENT):
-            self.journal.update_upload(row.run, row.seq, state=REFUSED, detail=redact(str(error)))
+            self.journal.update_upload(row.run, row.seq, state=REFUSED, detail=text)
             self.log.error(
                 "upload refused for good; the payload stays in the calibration store only "
                 "(an expert must upload it by hand if it is still wanted)",
                 run=row.run,
                 harvest=row.seq,
                 tag=row.tag,
-                error=redact(str(error)),
+                error=text,
             )
         else:  # a transient fault of ours or an unclassified answer: never settle on it
-            self._retry_later(row, error, now)
+            self._retry_later(row, text, now)
             self.log.error(
                 "upload failed unexpectedly; kept in the outbox",
                 run=row.run,
@@ -281,18 +282,18 @@ class Outbox:
                 exc_info=error,
             )
 
-    def _retry_later(self, row: UploadRow, error: Exception, now: float) -> None:
+    def _retry_later(self, row: UploadRow, text: str, now: float) -> None:
         delay = min(MAX_BACKOFF_S, self.backoff_s * 2**row.attempts)
         self.journal.update_upload(
             row.run,
             row.seq,
             attempts=row.attempts + 1,
             next_attempt=now + delay,
-            detail=redact(str(error)),
+            detail=text,
         )
         self._drop_connection()
 
-    def _report_auth(self, row: UploadRow, error: Exception) -> None:
+    def _report_auth(self, row: UploadRow, text: str) -> None:
         """ERROR on the first refusal of an outage, then at most every AUTH_REMINDER_S."""
         clock = self._monotonic()
         if self._auth_reported_at is not None and clock - self._auth_reported_at < AUTH_REMINDER_S:
@@ -305,6 +306,6 @@ class Outbox:
             run=row.run,
             harvest=row.seq,
             tag=row.tag,
-            error=redact(str(error)),
+            error=text,
             pending=self.pending(),
         )
