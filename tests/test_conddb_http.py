@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import pickle
 from collections.abc import Iterator
 from pathlib import Path
@@ -276,3 +277,24 @@ def test_cli_conddb_round_trip(tmp_path: Path) -> None:
     assert '"since": 5' in resolved.stdout
     token = run_cli("conddb", "--db", url, "token", "create", "--user", "u", "--tags", "T*")
     assert token.stdout.startswith("cdb_")
+
+
+def test_cli_bulk_upload_over_http(service: tuple[str, ConditionsDatabase], tmp_path: Path) -> None:
+    url, db = service
+    token = db.create_token("ecal", ["Ecal*"])
+    files = []
+    for n in (1, 2):
+        files.append(tmp_path / f"p{n}.npy")
+        np.save(files[-1], np.arange(4.0) * n)
+    argv = ("conddb", "--db", url, "--token", token, "upload-bulk", TAG, "--key", "cli-1")
+    first = run_cli(*argv, f"10={files[0]}", f"20={files[1]}", "--json")
+    assert first.returncode == 0, first.stderr
+    assert [(r["since"], r["status"]) for r in json.loads(first.stdout)] == [
+        (10, "inserted"),
+        (20, "inserted"),
+    ]
+    again = run_cli(*argv, f"10={files[0]}", f"20={files[1]}", "--json")
+    assert json.loads(again.stdout) == json.loads(first.stdout)  # answered from its key
+    assert len(db.iovs(TAG, history=True)) == 2
+    bad = run_cli(*argv, f"ten={files[0]}")
+    assert bad.returncode == 2 and "expected SINCE=FILE" in bad.stderr

@@ -22,8 +22,10 @@ from loop.logs import setup_logging
 from loop.redact import redact_url
 
 if TYPE_CHECKING:  # the SQL and web stacks load only when a command needs them
+    import numpy as np
+
     from loop.conddb.client import Conditions
-    from loop.conddb.db import ConditionsDatabase
+    from loop.conddb.db import ConditionsDatabase, UploadResult
 
 
 def register(subparsers: Any) -> None:
@@ -63,9 +65,10 @@ def _register_tokens(sub: Any) -> None:
     create.add_argument("--tags", required=True, help="comma-separated patterns, e.g. 'Ecal*'")
     create.add_argument(
         "--role",
-        choices=["uploader", "admin"],
+        choices=["uploader", "admin", "operator"],
         default="uploader",
-        help="uploader: its tags only; admin: also create and edit global tags",
+        help="uploader: its tags only; admin: also create and edit global tags; "
+        "operator: actions in the web control room (calloop web), no conditions-DB write",
     )
     create.set_defaults(handler=cmd_token_create)
     ls = token_sub.add_parser("ls", help="list tokens (without secrets)")
@@ -128,6 +131,16 @@ def _register_writes(sub: Any) -> None:
     upload.add_argument("--input-tag", default="")
     add_json_flag(upload)
     upload.set_defaults(handler=cmd_upload)
+    bulk = sub.add_parser(
+        "upload-bulk", help="upload many .npy arrays to a tag in one transaction (all or none)"
+    )
+    bulk.add_argument("tag")
+    bulk.add_argument("iovs", nargs="+", metavar="SINCE=FILE", help="e.g. 386001=ped.npy")
+    bulk.add_argument("--key", help="idempotency key: the same command again writes nothing")
+    bulk.add_argument("--user-text", default="")
+    bulk.add_argument("--input-tag", default="")
+    add_json_flag(bulk)
+    bulk.set_defaults(handler=cmd_upload_bulk)
     gt = sub.add_parser("gt", help="global tags")
     gt_sub = gt.add_subparsers(dest="gt_command", required=True, metavar="ACTION")
     gt_create = gt_sub.add_parser("create", help="create a global tag")
@@ -183,23 +196,22 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve until SIGTERM/SIGINT."""
-    import socket
-
     import uvicorn
 
-    from loop.conddb.server import create_app
+    from loop.conddb.server import create_app, listen
 
     setup_logging(None, "conddb", "serve")
     db = _sql(args)
     db.create_schema()  # idempotent: an upgrade gets its new tables (upload_request)
     app = create_app(db, read_token_required=args.read_token_required, max_body_bytes=args.max_body)
     # bound here, not by uvicorn, so that the port of --port 0 is known before serving
-    listener = socket.create_server((args.host, args.port))
+    listener = listen(args.host, args.port)
     port = listener.getsockname()[1]
     if args.port_file:
         atomic_write_text(args.port_file, f"{port}\n")
     print(f"conditions DB service on http://{args.host}:{port} ({db.url})", flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
+    server = uvicorn.Server(config)
     signal.signal(signal.SIGTERM, lambda *_: setattr(server, "should_exit", True))
     server.run(sockets=[listener])
     return 0
@@ -343,21 +355,51 @@ def cmd_create_tag(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_upload(args: argparse.Namespace) -> int:
-    """Upload an array."""
+def _read_array(path: Path) -> np.ndarray:
+    """A .npy file's array (no pickles); errors name the file."""
     from loop.conddb.npy import load_npy
 
     try:
-        array = load_npy(args.file.read_bytes())
+        return load_npy(path.read_bytes())
     except OSError as exc:
-        raise ConditionsError(f"cannot read {args.file}: {exc.strerror}") from None
+        raise ConditionsError(f"cannot read {path}: {exc.strerror}") from None
     except ConditionsError as exc:
-        raise ConditionsError(f"{args.file}: {exc}") from None
-    result = _connect(args).upload(
-        args.tag, args.since, array, user_text=args.user_text, input_tag=args.input_tag
-    )
+        raise ConditionsError(f"{path}: {exc}") from None
+
+
+def _outcome_line(result: UploadResult) -> str:
     text = f"{result.status}: {result.tag} since {result.since} payload {result.payload_hash}"
-    return emit(args, dataclasses.asdict(result), f"{text} {result.note}".rstrip)
+    return f"{text} {result.note}".rstrip()
+
+
+def cmd_upload(args: argparse.Namespace) -> int:
+    """Upload an array."""
+    result = _connect(args).upload(
+        args.tag,
+        args.since,
+        _read_array(args.file),
+        user_text=args.user_text,
+        input_tag=args.input_tag,
+    )
+    return emit(args, dataclasses.asdict(result), lambda: _outcome_line(result))
+
+
+def cmd_upload_bulk(args: argparse.Namespace) -> int:
+    """Upload SINCE=FILE arrays in one request and one transaction."""
+    rows: list[tuple[int, np.ndarray | bytes]] = []
+    for item in args.iovs:
+        since, separator, file = item.partition("=")
+        if not separator or not since.isascii() or not since.isdigit():
+            raise ConditionsError(f"{item!r}: expected SINCE=FILE, e.g. 386001=ped.npy")
+        rows.append((int(since), _read_array(Path(file))))
+    results = _connect(args).upload_bulk(
+        args.tag, rows, user_text=args.user_text, input_tag=args.input_tag, key=args.key
+    )
+    return emit(
+        args,
+        [dataclasses.asdict(r) for r in results],
+        lambda: "\n".join(_outcome_line(r) for r in results),
+    )
 
 
 def cmd_gt_create(args: argparse.Namespace) -> int:

@@ -13,6 +13,10 @@ global tag                                                       tag; a mapped r
                                                                  is never remapped
 =====================  ==================  ====================  =====================
 
+An ``operator`` token writes nothing here: it lets its holder act in the web control
+room (``calloop web``: retry or skip runs, retire or pin store versions, reload the
+configuration), which checks it against this database's token table.
+
 Reads are open (or need any valid token with ``read_token_required``), so every token
 may read every tag: mapping a tag exposes nothing its holder could not read already.
 Re-creating an identical tag or global tag is a no-op (the outbox creates its tag on
@@ -27,7 +31,7 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass
 
-from loop.conddb.models import ADMIN
+from loop.conddb.models import ADMIN, OPERATOR
 from loop.errors import ConditionsError
 
 
@@ -51,7 +55,12 @@ def tag_allowed(patterns: tuple[str, ...] | list[str], tag: str) -> bool:
 
 
 def check_tags(identity: Identity, tags: list[str]) -> None:
-    """Refuse unless the token's patterns cover every tag of the write."""
+    """Refuse unless the token's patterns cover every tag of the write (never for an
+    ``operator`` token, whatever its patterns)."""
+    if identity.role == OPERATOR:
+        raise Forbidden(
+            f"token of {identity.user} (role operator) may not write to the conditions DB"
+        )
     denied = [t for t in tags if not tag_allowed(identity.patterns, t)]
     if denied:
         raise Forbidden(f"token of {identity.user} may not write tag(s) {', '.join(denied)}")

@@ -86,6 +86,15 @@ class Conditions(Protocol):
         key: str | None = None,
         sequence: int | None = None,
     ) -> UploadResult: ...
+    def upload_bulk(
+        self,
+        tag_name: str,
+        rows: list[tuple[int, np.ndarray | bytes]],
+        *,
+        user_text: str = "",
+        input_tag: str = "",
+        key: str | None = None,
+    ) -> list[UploadResult]: ...
     def upload_result(self, key: str) -> UploadResult | None: ...
     def iovs(
         self,
@@ -299,6 +308,41 @@ class HttpConditions:
                 return stored
 
         return self._within_policy(attempt, f"upload {key}")
+
+    def upload_bulk(
+        self,
+        tag_name: str,
+        rows: list[tuple[int, np.ndarray | bytes]],
+        *,
+        user_text: str = "",
+        input_tag: str = "",
+        key: str | None = None,
+    ) -> list[UploadResult]:
+        """Upload (since, payload) pairs of one tag in one request and one transaction
+        (all or none). With a ``key`` the request is re-sent within the policy after a
+        timeout, a connection failure or a 5xx: the service answers a repeat from the
+        stored outcomes. Without one it is sent once, like :meth:`upload`."""
+        iovs = []
+        for since, value in rows:
+            data, streamer = encode_payload(value)
+            iovs.append(
+                {
+                    "since": since,
+                    "streamer_info": streamer,
+                    "payload_b64": base64.b64encode(data).decode(),
+                }
+            )
+        body: dict[str, Any] = {"iovs": iovs, "inputTag": input_tag, "userText": user_text}
+        if key is not None:
+            body["idempotencyKey"] = key
+        path = f"/api/v1/tags/{tag_name}/iovs"
+        policy = self.policy if key else dataclasses.replace(self.policy, attempts=1)
+        replies = self._within_policy(
+            lambda timeout_s: _decoded(_ok(self._attempt("POST", path, timeout_s, json=body))),
+            f"bulk upload of {len(rows)} IOVs to {tag_name}",
+            policy,
+        )
+        return [UploadResult(**reply) for reply in replies]
 
     def _post_upload(self, body: dict[str, Any], timeout_s: float) -> UploadResult:
         return _outcome(_ok(self._attempt("POST", "/api/v1/upload", timeout_s, json=body)))

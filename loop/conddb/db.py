@@ -37,8 +37,19 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Engine, create_engine, event, func, insert, inspect, select
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy import (
+    Engine,
+    Row,
+    TextClause,
+    create_engine,
+    event,
+    func,
+    insert,
+    inspect,
+    select,
+    text,
+)
+from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from loop.conddb.auth import Identity
@@ -74,10 +85,52 @@ MAX_SINCE = 2**63 - 1  # BIGINT, on SQLite and PostgreSQL alike
 MAX_RUN = 2**31 - 1  # CMS run numbers are 32-bit signed
 MAX_LS = 2**32 - 1  # a lumi since packs (run << 32 | ls) into a signed 64-bit since
 MAX_TIME = 1e12
+MAX_BULK = 10_000  # IOVs per bulk upload (one transaction)
+MAX_BULK_KEY = 200 - len(f"#{MAX_BULK}")  # its items' keys fit upload_request.key
+# pooled connections of the hot reads, no overflow: more concurrent readers wait for one
+# (a read takes well under a millisecond) instead of opening and closing connections,
+# and a service stays far below PostgreSQL's max_connections (100 by default)
+LEAN_POOL = 16
+# A snapshot this far in the past is settled: every IOV it can see is committed (an IOV's
+# insertion time is its writer's clock when it was written, a moment before its commit),
+# so a read at it never changes again. Covers transaction time and clock skew.
+SETTLED_S = 60.0
 # ASCII only: str.isdigit() accepts other scripts' digits, which int() may then refuse
 TOKEN_PATTERN = re.compile(r"cdb_([0-9]{1,18})_([A-Za-z0-9_\-]{1,100})")
 
 log = get_logger("calloop.conddb")
+
+# The hot reads, one statement each. The IOV valid at the point of the tag's time type
+# (each time type's point is a parameter; -1 where the arguments give none), as of the
+# snapshot, in the order of every other read: latest since, insertion, id.
+_IOV_AT = """
+JOIN iov i ON i.id = (
+    SELECT j.id FROM iov j
+    WHERE j.tag_name = t.name
+      AND j.since <= CASE t.time_type
+          WHEN 'run' THEN CAST(:run_point AS BIGINT)
+          WHEN 'lumi' THEN CAST(:lumi_point AS BIGINT)
+          ELSE CAST(:time_point AS BIGINT) END
+      AND j.insertion_time <= :snapshot{also}
+    ORDER BY j.since DESC, j.insertion_time DESC, j.id DESC
+    LIMIT 1)
+"""
+RESOLVE_TAG_SQL = text(
+    "SELECT t.name AS tag_name, i.since, i.payload_hash, i.insertion_time FROM tag t"
+    + _IOV_AT.format(also="")
+    + "WHERE t.name = :tag"
+)
+RESOLVE_GT_SQL = text(
+    "SELECT t.name AS tag_name, g.snapshot_time AS gt_snapshot, i.since, i.payload_hash, "
+    "i.insertion_time FROM global_tag g "
+    "JOIN global_tag_map m ON m.global_tag_name = g.name JOIN tag t ON t.name = m.tag_name"
+    + _IOV_AT.format(also=" AND j.insertion_time <= g.snapshot_time")
+    + "WHERE g.name = :global_tag AND m.record = :record AND m.label = :label"
+)
+PAYLOAD_SQL = text(
+    "SELECT hash, object_type, data, streamer_info, insertion_time FROM payload WHERE hash = :hash"
+)
+HAS_PAYLOAD_SQL = text("SELECT 1 FROM payload WHERE hash = :hash")
 
 
 class NotFound(ConditionsError):
@@ -149,6 +202,101 @@ class _Offer:
     digest: str
 
 
+class _TagState:
+    """What an upload's checks read about one tag, within its write transaction: the
+    current payload per since, the last since, the IOV count, the FCSR, stored key
+    outcomes and known payloads. Read once (for a bulk upload: a few queries for all
+    its items, not a few per item) and kept up to date as IOVs are added, so that each
+    item of a bulk upload sees the ones before it."""
+
+    def __init__(self, session: Session, tag: Tag, sinces: list[int], keys: list[str]) -> None:
+        self.session, self.tag = session, tag
+        self._current: dict[int, str | None] = dict.fromkeys(sinces)
+        # one query: the latest row of each since wins (ordered by insertion, id)
+        for since, digest in session.execute(
+            select(IOV.since, IOV.payload_hash)
+            .where(IOV.tag_name == tag.name, IOV.since.in_(set(sinces)))
+            .order_by(IOV.since, IOV.insertion_time, IOV.id)
+        ):
+            self._current[since] = digest
+        self.requests: dict[str, UploadRequest] = {}
+        if keys:
+            found = session.scalars(select(UploadRequest).where(UploadRequest.key.in_(keys)))
+            self.requests = {row.key: row for row in found}
+        self._payloads: set[str] = set()
+        self._last: tuple[int | None] | None = None  # (the value,) once read
+        self._count: int | None = None
+        self._fcsr: tuple[int | None] | None = None
+
+    def current_hash(self, since: int) -> str | None:
+        """The payload of the since's latest IOV (None: no IOV at that since)."""
+        if since not in self._current:  # a since the rule moved to (the FCSR)
+            self._current[since] = self.session.scalars(
+                select(IOV.payload_hash)
+                .where(IOV.tag_name == self.tag.name, IOV.since == since)
+                .order_by(IOV.insertion_time.desc(), IOV.id.desc())
+                .limit(1)
+            ).first()
+        return self._current[since]
+
+    def last_since(self) -> int | None:
+        """The tag's largest since (the offline rule)."""
+        if self._last is None:
+            self._last = (
+                self.session.scalar(
+                    select(func.max(IOV.since)).where(IOV.tag_name == self.tag.name)
+                ),
+            )
+        return self._last[0]
+
+    def count(self) -> int:
+        """The tag's number of IOVs (the mc rule; O(IOVs), so only when asked)."""
+        if self._count is None:
+            self._count = (
+                self.session.scalar(select(func.count()).where(IOV.tag_name == self.tag.name)) or 0
+            )
+        return self._count
+
+    def fcsr(self) -> int | None:
+        """The first condition-safe run, if configured."""
+        if self._fcsr is None:
+            row = self.session.get(Setting, "fcsr")
+            self._fcsr = (None if row is None else int(row.value),)
+        return self._fcsr[0]
+
+    def store_payloads(self, encoded: list[tuple[bytes, str]], now: float | None = None) -> None:
+        """Add the payloads not stored yet (one query for all), before the IOVs that
+        point at them (their foreign key). A bulk upload stores every item's payload
+        first: an item whose payload is new is never "already present", so none of
+        them ends up unused (and a refusal rolls all of it back)."""
+        rows = {
+            payload_hash(self.tag.object_type, data): (data, streamer) for data, streamer in encoded
+        }
+        wanted = set(rows) - self._payloads
+        if wanted:
+            self._payloads |= set(
+                self.session.scalars(select(Payload.hash).where(Payload.hash.in_(wanted)))
+            )
+        new = [h for h in rows if h not in self._payloads]
+        if new:
+            when = time.time() if now is None else now
+            self.session.add_all(_payload_row(self.tag, h, *rows[h], when) for h in new)
+            self.session.flush()
+            self._payloads.update(new)
+
+    def add_iov(self, since: int, digest: str, now: float) -> None:
+        """Insert an IOV and remember what it changes."""
+        self.session.add(
+            IOV(tag_name=self.tag.name, since=since, insertion_time=now, payload_hash=digest)
+        )
+        self.tag.modification_time = now
+        self._current[since] = digest
+        if self._last is not None:
+            self._last = (since if self._last[0] is None else max(self._last[0], since),)
+        if self._count is not None:
+            self._count += 1
+
+
 @dataclass(frozen=True)
 class Resolved:
     """The payload valid at a point of a tag (or global tag)."""
@@ -157,6 +305,25 @@ class Resolved:
     since: int
     payload_hash: str
     insertion_time: float
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """A resolve's answer and the snapshot time it was read at; ``snapshot`` is None
+    when the read follows the latest IOVs (the next upload may change it)."""
+
+    resolved: Resolved
+    snapshot: float | None
+
+    def settled(self) -> bool:
+        """True when no later write can change this answer (see :func:`settled`)."""
+        return settled(self.snapshot)
+
+
+def settled(snapshot: float | None) -> bool:
+    """True when a read at ``snapshot`` can never change: the snapshot is more than
+    ``SETTLED_S`` in the past (None, the latest, is never settled)."""
+    return snapshot is not None and snapshot <= time.time() - SETTLED_S
 
 
 @dataclass(frozen=True)
@@ -216,12 +383,14 @@ class ConditionsDatabase:
         try:
             self._read = self._engine(immediate=False)
             self._write = self._engine(immediate=True) if self.is_sqlite else self._read
+            self._lean = self._lean_engine()
         except (SQLAlchemyError, ImportError, ValueError) as exc:
             raise ConditionsError(
                 f"conditions DB {self.url}: cannot open ({redact(str(exc))})"
             ) from None
 
-    def _engine(self, *, immediate: bool) -> Engine:
+    def _engine(self, *, immediate: bool | None, **pool: Any) -> Engine:
+        """The engine of ORM sessions; ``immediate=None`` (SQLite): no BEGIN at all."""
         if not self.is_sqlite:
             # hide_parameters: a failed statement's message would quote uploaded values
             return create_engine(self._connect_url, pool_pre_ping=True, hide_parameters=True)
@@ -229,6 +398,7 @@ class ConditionsDatabase:
             self._connect_url,
             connect_args={"timeout": 30, "isolation_level": None},
             hide_parameters=True,
+            **pool,
         )
 
         @event.listens_for(engine, "connect")
@@ -239,11 +409,30 @@ class ConditionsDatabase:
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()
 
-        @event.listens_for(engine, "begin")
-        def _begin(conn: Any) -> None:
-            conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+        if immediate is not None:
+
+            @event.listens_for(engine, "begin")
+            def _begin(conn: Any) -> None:
+                conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
         return engine
+
+    def _lean_engine(self) -> Engine:
+        """The engine of the hot reads (:meth:`resolve`, :meth:`payload`): one statement
+        each, so no transaction (a single statement reads one consistent snapshot on
+        both databases) and no ping at checkout (a connection the server dropped is
+        retried once instead, see :meth:`_one_row`). PostgreSQL prepares each statement
+        on its first use on a connection; SQLite's driver keeps them prepared too."""
+        pool = {"pool_size": LEAN_POOL, "max_overflow": 0}
+        if self.is_sqlite:
+            return self._engine(immediate=None, **pool)
+        return create_engine(
+            self._connect_url,
+            isolation_level="AUTOCOMMIT",
+            connect_args={"prepare_threshold": 0},
+            hide_parameters=True,
+            **pool,
+        )
 
     def create_schema(self) -> None:
         """Create every table, and add the columns a newer release defines to the tables
@@ -282,6 +471,7 @@ class ConditionsDatabase:
         """Dispose of the connection pools."""
         self._read.dispose()
         self._write.dispose()
+        self._lean.dispose()
 
     @contextmanager
     def _session(self, *, write: bool = False) -> Iterator[Session]:
@@ -291,15 +481,35 @@ class ConditionsDatabase:
                 yield session
         except ConditionsError:
             raise
-        except OperationalError as exc:  # server down, database locked, network trouble
-            raise ConditionsUnavailable(
-                f"conditions DB {self.url} unavailable: {redact(str(exc).splitlines()[0])}"
-            ) from None
         except SQLAlchemyError as exc:
-            raise ConditionsError(
-                f"conditions DB {self.url}: {type(exc).__name__}: "
-                f"{redact(str(exc).splitlines()[0])}"
-            ) from None
+            raise self._failure(exc) from None
+
+    def _failure(self, exc: SQLAlchemyError) -> ConditionsError:
+        """The conditions error of a database error, without the URL's password."""
+        first_line = redact(str(exc).splitlines()[0])
+        if isinstance(exc, OperationalError):  # server down, database locked, network
+            return ConditionsUnavailable(f"conditions DB {self.url} unavailable: {first_line}")
+        return ConditionsError(f"conditions DB {self.url}: {type(exc).__name__}: {first_line}")
+
+    def _one_row(self, statement: TextClause, params: dict[str, Any]) -> Row[Any] | None:
+        """The first row of one read statement on the lean engine. A pooled connection
+        the server has dropped (restart, idle timeout) fails its first statement; the
+        pool then discards it and every older one, and the read is retried once."""
+        try:
+            return self._first(statement, params)
+        except DBAPIError as exc:
+            if not exc.connection_invalidated:
+                raise self._failure(exc) from None
+        except SQLAlchemyError as exc:
+            raise self._failure(exc) from None
+        try:
+            return self._first(statement, params)
+        except SQLAlchemyError as exc:
+            raise self._failure(exc) from None
+
+    def _first(self, statement: TextClause, params: dict[str, Any]) -> Row[Any] | None:
+        with self._lean.connect() as conn:
+            return conn.execute(statement, params).first()
 
     # ------------------------------------------------------------------------------ tags
 
@@ -460,8 +670,7 @@ class ConditionsDatabase:
             audit = (user, host, f"input={input_tag} {user_text}")
             return [
                 self._upload_one(
-                    session,
-                    tags[name],
+                    _TagState(session, tags[name], [since], [] if key is None else [key]),
                     _Offer(name, since, sequence, payload_hash(tags[name].object_type, data)),
                     (data, streamer),
                     key=key,
@@ -470,10 +679,69 @@ class ConditionsDatabase:
                 for name in tag_names
             ]
 
+    def upload_bulk(
+        self,
+        tag_name: str,
+        rows: list[tuple[int, np.ndarray | bytes]],
+        *,
+        user: str | None = None,
+        host: str = "",
+        user_text: str = "",
+        input_tag: str = "",
+        key: str | None = None,
+    ) -> list[UploadResult]:
+        """Many (since, payload) pairs of one tag in one transaction: see
+        :meth:`upload_bulk_encoded`."""
+        items = [(since, *encode_payload(value)) for since, value in rows]
+        return self.upload_bulk_encoded(
+            tag_name, items, user=user, host=host, user_text=user_text, input_tag=input_tag, key=key
+        )
+
+    def upload_bulk_encoded(
+        self,
+        tag_name: str,
+        items: list[tuple[int, bytes, str]],
+        *,
+        user: str | None = None,
+        host: str = "",
+        user_text: str = "",
+        input_tag: str = "",
+        key: str | None = None,
+    ) -> list[UploadResult]:
+        """(since, bytes, streamer) items of one tag, all or nothing in one transaction,
+        each applied as :meth:`upload` would, one after the other in the given order
+        (synchronization rule, "already present", audit entry). With a ``key``, item
+        ``i`` keeps its outcome under ``<key>#<i>`` (``#`` is never in a client's key),
+        so the same request sent again, e.g. after a timeout, is answered from the
+        stored outcomes and writes nothing."""
+        if not 1 <= len(items) <= MAX_BULK:
+            raise InvalidRequest(f"a bulk upload has 1..{MAX_BULK} IOVs, got {len(items)}")
+        if key is not None and len(key) > MAX_BULK_KEY:
+            raise InvalidRequest(f"a bulk upload's key has at most {MAX_BULK_KEY} characters")
+        for since, data, streamer in items:
+            _check_upload([tag_name], since, (data, streamer), key=key, sequence=None)
+        keys = [None if key is None else f"{key}#{index}" for index in range(len(items))]
+        with self._session(write=True) as session:
+            tag = self._get_tag(session, tag_name, lock=True)
+            sinces = [since for since, _, _ in items]
+            # what the items' checks need, read in a few queries, not a few per item
+            state = _TagState(session, tag, sinces, [k for k in keys if k is not None])
+            state.store_payloads([(data, streamer) for _, data, streamer in items])
+            audit = (user, host, f"input={input_tag} {user_text}")
+            return [
+                self._upload_one(
+                    state,
+                    _Offer(tag_name, since, None, payload_hash(tag.object_type, data)),
+                    (data, streamer),
+                    key=item_key,
+                    audit=audit,
+                )
+                for (since, data, streamer), item_key in zip(items, keys, strict=True)
+            ]
+
     def _upload_one(
         self,
-        session: Session,
-        tag: Tag,
+        state: _TagState,
         offer: _Offer,
         encoded: tuple[bytes, str],
         *,
@@ -483,14 +751,14 @@ class ConditionsDatabase:
         """One tag's part of an upload: replay, supersede or apply, then its outcome."""
         data, streamer = encoded
         if key is not None:
-            replayed = self._replay(session, key, offer)
+            replayed = self._replay(state.requests.get(key), key, offer)
             if replayed is not None:
                 return replayed
-        result = self._superseded(session, offer)
+        result = self._superseded(state.session, offer)
         if result is None:
-            result = self._apply(session, tag, offer, data, streamer=streamer, audit=audit)
+            result = self._apply(state, offer, data, streamer=streamer, audit=audit)
         if key is not None:
-            session.add(_request_row(key, offer, result))
+            state.session.add(_request_row(key, offer, result))
         return result
 
     def upload_result(self, key: str) -> UploadResult | None:
@@ -501,10 +769,9 @@ class ConditionsDatabase:
             return None if row is None else _request_result(row)
 
     @staticmethod
-    def _replay(session: Session, key: str, offer: _Offer) -> UploadResult | None:
-        """The stored outcome of a repeated key; a key reused for another upload is a
-        client bug, refused rather than answered with the wrong outcome."""
-        row = session.get(UploadRequest, key)
+    def _replay(row: UploadRequest | None, key: str, offer: _Offer) -> UploadResult | None:
+        """The stored outcome ``row`` of a repeated key; a key reused for another upload
+        is a client bug, refused rather than answered with the wrong outcome."""
         if row is None:
             return None
         if _Offer(row.tag_name, row.since, row.sequence, row.payload_hash) != offer:
@@ -542,8 +809,7 @@ class ConditionsDatabase:
 
     def _apply(
         self,
-        session: Session,
-        tag: Tag,
+        state: _TagState,
         offer: _Offer,
         data: bytes,
         *,
@@ -552,36 +818,26 @@ class ConditionsDatabase:
     ) -> UploadResult:
         """Insert the IOV under the synchronization rule, unless already present;
         ``audit`` is the tag log's (user, host, text)."""
-        since, digest = offer.since, offer.digest
-        if self._current_hash(session, tag.name, since) == digest:
+        tag, since, digest = state.tag, offer.since, offer.digest
+        if state.current_hash(since) == digest:
             return UploadResult(tag.name, since, digest, PRESENT)
         # only the rules that need them pay for these queries (count is O(IOVs))
-        last = count = None
-        if tag.synchronization == "offline":
-            last = session.scalar(select(func.max(IOV.since)).where(IOV.tag_name == tag.name))
-        if tag.synchronization == "mc":
-            count = session.scalar(select(func.count()).where(IOV.tag_name == tag.name))
         decision = decide(
             tag.synchronization,
             tag.time_type,
             since,
-            last_since=last,
-            iov_count=count or 0,
-            fcsr_run=self._fcsr(session),
+            last_since=state.last_since() if tag.synchronization == "offline" else None,
+            iov_count=state.count() if tag.synchronization == "mc" else 0,
+            fcsr_run=state.fcsr(),
         )
-        before = self._current_hash(session, tag.name, decision.since)
+        before = state.current_hash(decision.since)
         if decision.since != since and before == digest:
             return UploadResult(tag.name, decision.since, digest, PRESENT, decision.note)
         now = time.time()
-        if session.get(Payload, digest) is None:
-            session.add(_payload_row(tag, digest, data, streamer, now))
-            session.flush()  # the IOV's foreign key needs the payload row first
-        session.add(
-            IOV(tag_name=tag.name, since=decision.since, insertion_time=now, payload_hash=digest)
-        )
-        tag.modification_time = now
+        state.store_payloads([(data, streamer)], now)
+        state.add_iov(decision.since, digest, now)
         user, host, text = audit
-        session.add(
+        state.session.add(
             _tag_log(
                 tag.name,
                 "upload",
@@ -592,15 +848,6 @@ class ConditionsDatabase:
             )
         )
         return UploadResult(tag.name, decision.since, digest, INSERTED, decision.note)
-
-    @staticmethod
-    def _current_hash(session: Session, tag_name: str, since: int) -> str | None:
-        return session.scalars(
-            select(IOV.payload_hash)
-            .where(IOV.tag_name == tag_name, IOV.since == since)
-            .order_by(IOV.insertion_time.desc(), IOV.id.desc())
-            .limit(1)
-        ).first()
 
     def import_iovs(self, tag_name: str, rows: list[tuple[int, np.ndarray | bytes]]) -> int:
         """Bulk-load (since, payload) pairs in one transaction, bypassing the rules
@@ -663,14 +910,17 @@ class ConditionsDatabase:
         return [IOVInfo(r.since, r.insertion_time, r.payload_hash) for r in rows]
 
     def payload(self, digest: str) -> PayloadBlob:
-        """Payload by hash."""
-        with self._session() as session:
-            row = session.get(Payload, digest)
-            if row is None:
-                raise NotFound(f"unknown payload {digest!r}")
-            return PayloadBlob(
-                row.hash, row.object_type, row.data, row.streamer_info, row.insertion_time
-            )
+        """Payload by hash (one statement)."""
+        row = self._one_row(PAYLOAD_SQL, {"hash": digest})
+        if row is None:
+            raise NotFound(f"unknown payload {digest!r}")
+        return PayloadBlob(
+            row.hash, row.object_type, row.data, row.streamer_info, row.insertion_time
+        )
+
+    def has_payload(self, digest: str) -> bool:
+        """True when a payload with this hash exists (without reading its bytes)."""
+        return self._one_row(HAS_PAYLOAD_SQL, {"hash": digest}) is not None
 
     def resolve(
         self,
@@ -686,9 +936,72 @@ class ConditionsDatabase:
     ) -> Resolved:
         """The IOV valid at a run (lumi: run + ls) or a time, in a tag or through a global
         tag's (record, label) map at the global tag's snapshot time."""
+        return self.resolve_at(
+            tag=tag,
+            global_tag=global_tag,
+            record=record,
+            label=label,
+            run=run,
+            ls=ls,
+            time_point=time_point,
+            snapshot=snapshot,
+        ).resolved
+
+    def resolve_at(
+        self,
+        *,
+        tag: str | None = None,
+        global_tag: str | None = None,
+        record: str | None = None,
+        label: str = "",
+        run: int | None = None,
+        ls: int | None = None,
+        time_point: float | None = None,
+        snapshot: float | None = None,
+    ) -> Resolution:
+        """:meth:`resolve` with the snapshot it was read at (whether it can change).
+
+        One statement (global tag, map, tag and IOV joined; the point for each time
+        type is a parameter). Only when it finds nothing do the step-by-step queries
+        run, to say what is missing or which argument the tag's time type needs."""
+        points = {kind: _point_or_none(kind, run, ls, time_point) for kind in TIME_TYPES}
+        params: dict[str, Any] = {
+            f"{kind}_point": -1 if p is None else p for kind, p in points.items()
+        }
+        params["snapshot"] = MAX_TIME if snapshot is None else snapshot
+        if global_tag is not None:
+            params.update(global_tag=global_tag, record=record or "", label=label)
+            row = self._one_row(RESOLVE_GT_SQL, params)
+        elif tag is not None:
+            row = self._one_row(RESOLVE_TAG_SQL, {**params, "tag": tag})
+        else:
+            raise InvalidRequest("resolve needs a tag or a global tag with a record")
+        if row is None:
+            return self._resolve_by_steps(
+                tag, global_tag, (record, label), (run, ls, time_point), snapshot
+            )
+        seen_at = min(row._mapping.get("gt_snapshot", MAX_TIME), params["snapshot"])
+        return Resolution(
+            Resolved(row.tag_name, row.since, row.payload_hash, row.insertion_time),
+            None if seen_at >= MAX_TIME else seen_at,
+        )
+
+    def _resolve_by_steps(
+        self,
+        tag: str | None,
+        global_tag: str | None,
+        key: tuple[str | None, str],
+        at: tuple[int | None, int | None, float | None],
+        snapshot: float | None,
+    ) -> Resolution:
+        """:meth:`resolve_at` one query at a time, after the single statement found
+        nothing: raises the error that says what is missing (unknown global tag,
+        unmapped record, unknown tag, a point the tag's time type cannot use, no IOV);
+        returns a resolution only if an IOV was committed between the two reads."""
+        run, ls, time_point = at
         with self._session() as session:
             if global_tag is not None:
-                tag, snapshot = self._map_tag(session, global_tag, record, label, snapshot)
+                tag, snapshot = self._map_tag(session, global_tag, *key, snapshot)
             if tag is None:
                 raise InvalidRequest("resolve needs a tag or a global tag with a record")
             tag_row = self._get_tag(session, tag)
@@ -701,7 +1014,10 @@ class ConditionsDatabase:
             ).first()
             if row is None:
                 raise NotFound(f"tag {tag} has no IOV valid at {tag_row.time_type} {point}")
-            return Resolved(tag, row.since, row.payload_hash, row.insertion_time)
+            return Resolution(
+                Resolved(tag, row.since, row.payload_hash, row.insertion_time),
+                None if snapshot is None or snapshot >= MAX_TIME else snapshot,
+            )
 
     def _map_tag(
         self,
@@ -922,11 +1238,6 @@ class ConditionsDatabase:
             else:
                 row.value = str(run)
 
-    @staticmethod
-    def _fcsr(session: Session) -> int | None:
-        row = session.get(Setting, "fcsr")
-        return None if row is None else int(row.value)
-
 
 def _local_user() -> str:
     try:
@@ -945,6 +1256,16 @@ def _point(time_type: str, run: int | None, ls: int | None, time_point: float | 
     if ls is not None and not 1 <= ls <= MAX_LS:
         raise InvalidRequest(f"a lumi section is in 1..{MAX_LS}, got {ls}")
     return lumi_since(run, ls or 1) if time_type == "lumi" else run
+
+
+def _point_or_none(
+    time_type: str, run: int | None, ls: int | None, time_point: float | None
+) -> int | None:
+    """:func:`_point`, or None where the arguments give no point for ``time_type``."""
+    try:
+        return _point(time_type, run, ls, time_point)
+    except InvalidRequest:
+        return None
 
 
 def _check_upload(

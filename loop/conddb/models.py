@@ -26,7 +26,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 TIME_TYPES = ("run", "lumi", "time")
 SYNCHRONIZATIONS = ("any", "validation", "offline", "mc", "hlt", "express", "prompt", "pcl")
 UPLOADER, ADMIN = "uploader", "admin"
-ROLES = (UPLOADER, ADMIN)
+OPERATOR = "operator"  # acts in the web control room; writes nothing here
+ROLES = (UPLOADER, ADMIN, OPERATOR)
 
 
 class Base(DeclarativeBase):
