@@ -5,15 +5,26 @@ no longer opens. :class:`JournaledFile` is the file object h5py writes through (
 ``fileobj`` driver): every write lands in dirty in-memory pages and the file on disk is
 untouched until :meth:`JournaledFile.commit`, which
 
-1. writes all dirty pages, the final length and a SHA-256 to ``<file>.journal.tmp``,
-   fsyncs it and renames it to ``<file>.journal`` (the commit point);
-2. applies the pages to the file and fsyncs it;
-3. removes the journal.
+1. writes all dirty pages, the final length and a SHA-256 over them at the start of
+   ``<file>.journal`` and syncs it (the commit point);
+2. applies the pages to the file and syncs it;
+3. clears the journal's magic number (a journal without it means "nothing pending").
 
 :func:`recover` (run under the writer lock before any access) replays a complete journal
 and discards anything else, so after a SIGKILL at any moment the file holds either the
 whole transaction or none of it. The cost of a commit is the number of pages HDF5
-touched, not the size of the file.
+touched, not the size of the file, plus two syncs.
+
+The journal file is kept and overwritten in place, never shortened, rather than renamed
+into place and removed: a rename and a removal each need a sync of the directory, and
+a file whose size or blocks change needs a filesystem-journal commit on every sync.
+Its first creation syncs the directory once. Clearing the magic number needs no sync:
+if a crash undoes it, recovery replays a journal the file already holds (idempotent);
+the next commit overwrites the journal and syncs it before it touches the file. A crash
+while a journal is overwritten leaves a mix of old and new bytes whose checksum fails
+(discarded: the file was not touched yet), or the old journal whole (replayed: again
+one the file already holds). Bytes past a journal's own length are leftovers of a
+longer one and never read.
 """
 
 from __future__ import annotations
@@ -148,13 +159,15 @@ class JournaledFile(io.RawIOBase):
             body += _INDEX.pack(index) + self._pages[index]
         body += hashlib.sha256(body).digest()
         target = journal_path(self.path)
-        tmp = target.with_name(target.name + ".tmp")
-        with open(tmp, "wb") as fh:
-            fh.write(body)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-        fsync_dir(target.parent)
+        created = not target.exists()
+        fd = os.open(target, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            os.pwrite(fd, body, 0)
+            os.fdatasync(fd)  # the commit point (with the directory entry, when new)
+        finally:
+            os.close(fd)
+        if created:
+            fsync_dir(target.parent)
         _apply(self.path, bytes(body))
         self._base_len = self._zero_from = self._len
         self._pages.clear()
@@ -162,10 +175,13 @@ class JournaledFile(io.RawIOBase):
 
 def _parse(blob: bytes) -> tuple[int, int, list[tuple[int, bytes]]] | None:
     """(final length, zero-from offset, pages) of a journal, or None if it is torn."""
-    if len(blob) < _HEADER.size + 32 or hashlib.sha256(blob[:-32]).digest() != blob[-32:]:
+    if len(blob) < _HEADER.size + 32:
         return None
     magic, length, zero_from, count = _HEADER.unpack_from(blob)
-    if magic != MAGIC or len(blob) != _HEADER.size + count * (_INDEX.size + PAGE) + 32:
+    size = _HEADER.size + count * (_INDEX.size + PAGE)
+    if magic != MAGIC or len(blob) < size + 32:
+        return None
+    if hashlib.sha256(blob[:size]).digest() != blob[size : size + 32]:
         return None
     pages, offset = [], _HEADER.size
     for _ in range(count):
@@ -189,11 +205,19 @@ def _apply(path: Path, blob: bytes) -> None:
             if start < length:
                 os.pwrite(fd, page[: length - start], start)
         os.ftruncate(fd, length)
-        os.fsync(fd)
+        os.fdatasync(fd)
     finally:
         os.close(fd)
-    journal_path(path).unlink(missing_ok=True)
-    fsync_dir(path.parent)
+    _clear(path)
+
+
+def _clear(path: Path) -> None:
+    """Mark the journal as nothing pending (no sync needed: see the module docstring)."""
+    fd = os.open(journal_path(path), os.O_WRONLY)
+    try:
+        os.pwrite(fd, bytes(len(MAGIC)), 0)
+    finally:
+        os.close(fd)
 
 
 def recover(path: Path) -> str | None:
@@ -202,13 +226,13 @@ def recover(path: Path) -> str | None:
     Returns ``"replayed"``, ``"discarded"`` or None when there was nothing to do.
     """
     target = journal_path(path)
+    # a journal still being written when calloop renamed journals into place
     target.with_name(target.name + ".tmp").unlink(missing_ok=True)
-    if not target.exists():
+    if not pending(path):
         return None
     blob = target.read_bytes()
     if _parse(blob) is None:
-        target.unlink()
-        fsync_dir(path.parent)
+        _clear(path)
         return "discarded"
     _apply(path, blob)
     return "replayed"
@@ -216,4 +240,11 @@ def recover(path: Path) -> str | None:
 
 def pending(path: Path) -> bool:
     """True when ``path`` has a journal to replay (readers must wait for a writer)."""
-    return journal_path(path).exists()
+    try:
+        fd = os.open(journal_path(path), os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        return os.pread(fd, len(MAGIC), 0) == MAGIC
+    finally:
+        os.close(fd)

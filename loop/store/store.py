@@ -33,7 +33,7 @@ import struct
 import time
 import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypedDict, Unpack
 
@@ -44,13 +44,24 @@ from loop import __version__
 from loop.errors import StoreError
 from loop.fsutil import atomic_path
 from loop.locks import FileLock
+from loop.store.index import (
+    FORMAT,
+    OP_ADD,
+    OP_PIN,
+    OP_RETIRE,
+    OP_UNPIN,
+    FileIndex,
+    checked_range_name,
+    migrate,
+    record,
+    validity_of,
+)
 from loop.store.journal import JournaledFile, pending, recover
-from loop.store.lookup import RangeEntry, RangeIndex, Validity
+from loop.store.lookup import RangeEntry, Validity, encode, nearest, point_of, select, version_id
 from loop.store.names import check_detector, check_inside, check_name
 
 LIBVER = "latest"
 _GEN = struct.Struct("<Q")
-NO_RUN = -1
 
 
 # ------------------------------------------------------------------------------ records
@@ -140,31 +151,10 @@ def content_hash(array: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-def _validity_of(group: h5py.Group) -> Validity:
-    attrs = group.attrs
-    return _validity_from(
-        attrs["begin_run"], attrs["end_run"], attrs["begin_time"], attrs["end_time"]
-    )
-
-
-def _validity_from(begin_run: Any, end_run: Any, begin_time: Any, end_time: Any) -> Validity:
-    """A Validity from the stored encoding (-1 runs and NaN times mean "none")."""
-    begin_run, end_run = int(begin_run), int(end_run)
-    begin_time, end_time = float(begin_time), float(end_time)
-    return Validity(
-        begin_run=None if begin_run == NO_RUN else begin_run,
-        end_run=None if end_run == NO_RUN else end_run,
-        begin_time=None if np.isnan(begin_time) else begin_time,
-        end_time=None if np.isnan(end_time) else end_time,
-    )
-
-
 def _write_validity(group: h5py.Group, validity: Validity) -> None:
+    begin_run, end_run, begin_time, end_time = encode(validity)
     group.attrs.update(
-        begin_run=NO_RUN if validity.begin_run is None else validity.begin_run,
-        end_run=NO_RUN if validity.end_run is None else validity.end_run,
-        begin_time=np.nan if validity.begin_time is None else validity.begin_time,
-        end_time=np.nan if validity.end_time is None else validity.end_time,
+        begin_run=begin_run, end_run=end_run, begin_time=begin_time, end_time=end_time
     )
 
 
@@ -196,113 +186,6 @@ def _newest_valid(range_group: h5py.Group) -> str | None:
     return max(live) if live else None
 
 
-# ---------------------------------------------------------------------------- index log
-#
-# ``/_index`` is an append-only table of every mutation (add, retire, pin, unpin), one
-# chunked compound dataset. Opening a file reads it in one call and replays it, instead
-# of walking thousands of groups; appending a row costs the same at any size.
-
-INDEX = "_index"
-OP_ADD, OP_RETIRE, OP_PIN, OP_UNPIN = 1, 2, 3, 4
-INDEX_DTYPE = np.dtype(
-    [
-        ("op", "u1"),
-        ("ctype", "S64"),
-        ("range", "S48"),
-        ("version", "S16"),
-        ("begin_run", "i8"),
-        ("end_run", "i8"),
-        ("begin_time", "f8"),
-        ("end_time", "f8"),
-    ]
-)
-
-
-def checked_range_name(validity: Validity) -> str:
-    """The range's group name, refused when it would not fit the index log."""
-    name = validity.name()
-    if len(name) > INDEX_DTYPE["range"].itemsize:
-        raise StoreError(f"range {name} does not fit the index log: its times are too large")
-    return name
-
-
-def _log(h5: h5py.File, op: int, ctype: str, range_group: h5py.Group, vid: str) -> None:
-    """Append one mutation to the index log (inside the writer's transaction)."""
-    if INDEX not in h5:
-        h5.create_dataset(INDEX, shape=(0,), maxshape=(None,), dtype=INDEX_DTYPE, chunks=(64,))
-    table = h5[INDEX]
-    attrs = range_group.attrs
-    row = np.array(
-        [
-            (
-                op,
-                ctype,
-                range_group.name.rsplit("/", 1)[1],
-                vid,
-                attrs["begin_run"],
-                attrs["end_run"],
-                attrs["begin_time"],
-                attrs["end_time"],
-            )
-        ],
-        dtype=INDEX_DTYPE,
-    )
-    table.resize((table.shape[0] + 1,))
-    table[-1:] = row
-
-
-@dataclass
-class _RangeState:
-    validity: Validity
-    versions: list[str] = field(default_factory=list)
-    retired: set[str] = field(default_factory=set)
-    pinned: str | None = None
-
-    def default(self) -> str | None:
-        if self.pinned is not None:
-            return self.pinned
-        live = [v for v in self.versions if v not in self.retired]
-        return max(live) if live else None
-
-
-def _replay(rows: np.ndarray) -> dict[tuple[str, str], _RangeState]:
-    """Range states from the index log (pure)."""
-    states: dict[tuple[str, str], _RangeState] = {}
-    for op, ctype, range_name, vid, b_run, e_run, b_time, e_time in rows.tolist():
-        key, version = (ctype.decode(), range_name.decode()), vid.decode()
-        if op == OP_ADD:
-            state = states.get(key)
-            if state is None:
-                state = states[key] = _RangeState(_validity_from(b_run, e_run, b_time, e_time))
-            state.versions.append(version)
-        elif op == OP_RETIRE:
-            states[key].retired.add(version)
-            if states[key].pinned == version:
-                states[key].pinned = None
-        elif op == OP_PIN:
-            states[key].pinned = version
-        elif op == OP_UNPIN:
-            states[key].pinned = None
-    return states
-
-
-def _rebuild_index(h5: h5py.File) -> None:
-    """Write a fresh index log by walking the groups (for exported subsets)."""
-    if INDEX in h5:
-        del h5[INDEX]
-    for ctype, ctype_group in h5.items():
-        if ctype == INDEX:
-            continue
-        for range_group in ctype_group.values():
-            for vid in sorted(range_group):
-                _log(h5, OP_ADD, ctype, range_group, vid)
-                if bool(range_group[vid].attrs["retired"]):
-                    _log(h5, OP_RETIRE, ctype, range_group, vid)
-            pinned = str(range_group.attrs["default_version"])
-            if bool(range_group.attrs["pinned"]) and pinned:
-                _log(h5, OP_PIN, ctype, range_group, pinned)
-
-
 # ------------------------------------------------------------------------------- reader
 
 
@@ -313,8 +196,7 @@ class _Snapshot:
     generation: int
     h5: h5py.File
     handle: Any  # the Python file object h5py reads through
-    indexes: dict[str, RangeIndex] = field(default_factory=dict)
-    versions: dict[str, tuple[str, str]] = field(default_factory=dict)  # vid -> (ctype, range)
+    index: FileIndex
 
     def __post_init__(self) -> None:
         # closes the handles when the snapshot is dropped without close() (no leaked fds)
@@ -343,17 +225,11 @@ def open_readonly(path: Path) -> tuple[h5py.File, Any]:
 
 def _build_snapshot(path: Path, generation: int) -> _Snapshot:
     h5, handle = open_readonly(path)
-    snapshot = _Snapshot(generation, h5, handle)
-    rows = h5[INDEX][()] if INDEX in h5 else np.zeros(0, INDEX_DTYPE)
-    entries: dict[str, list[RangeEntry]] = {}
-    for (ctype, range_name), state in _replay(rows).items():
-        entries.setdefault(ctype, []).append(
-            RangeEntry(range_name, state.validity, state.default())
-        )
-        for vid in state.versions:
-            snapshot.versions[vid] = (ctype, range_name)
-    snapshot.indexes = {ctype: RangeIndex(found) for ctype, found in entries.items()}
-    return snapshot
+    try:
+        return _Snapshot(generation, h5, handle, FileIndex(h5))
+    except BaseException:
+        _close_handles(h5, handle)
+        raise
 
 
 class Detector:
@@ -425,28 +301,25 @@ class Detector:
     def ctypes(self) -> list[str]:
         """Calibration types present in the file."""
         with self._reading() as snap:
-            return sorted(snap.indexes)
+            return snap.index.ctypes()
 
     def ranges(self, ctype: str) -> list[RangeEntry]:
         """The ranges of ``ctype`` in begin order."""
         with self._reading() as snap:
-            index = self._index(snap, ctype)
-            return sorted(index.entries, key=lambda e: e.name)
+            self._check_ctype(snap, ctype)
+            return snap.index.entries(ctype)
 
     def versions(
         self, ctype: str | None = None, range_name: str | None = None
     ) -> list[VersionInfo]:
         """Every version (of one ctype, of one of its ranges, or all), oldest first."""
         with self._reading() as snap:
-            infos = []
-            for vid, (vctype, vrange) in sorted(snap.versions.items()):
-                if (ctype is not None and vctype != ctype) or (
-                    range_name is not None and vrange != range_name
-                ):
-                    continue
-                range_group = snap.h5[vctype][vrange]
-                infos.append(self._version_info(range_group, vid, vctype, vrange))
-            return infos
+            return [
+                self._version_info(snap.h5[vctype][vrange], vid, vctype, vrange)
+                for vid, vctype, vrange in snap.index.versions()
+                if (ctype is None or vctype == ctype)
+                and (range_name is None or vrange == range_name)
+            ]
 
     @staticmethod
     def _version_info(
@@ -467,19 +340,19 @@ class Detector:
             metadata=_json_attr(group, "metadata", {}),
         )
 
-    def _index(self, snap: _Snapshot, ctype: str) -> RangeIndex:
-        try:
-            return snap.indexes[ctype]
-        except KeyError:
-            close = difflib.get_close_matches(ctype, list(snap.indexes), n=3)
-            raise StoreError(
-                f"detector {self.name}: no calibration type {ctype!r}"
-                + (
-                    f"; did you mean {', '.join(close)}?"
-                    if close
-                    else f"; it has {', '.join(sorted(snap.indexes)) or 'none'}"
-                )
-            ) from None
+    def _check_ctype(self, snap: _Snapshot, ctype: str) -> None:
+        if snap.index.has(ctype):
+            return
+        known = snap.index.ctypes()
+        close = difflib.get_close_matches(ctype, known, n=3)
+        raise StoreError(
+            f"detector {self.name}: no calibration type {ctype!r}"
+            + (
+                f"; did you mean {', '.join(close)}?"
+                if close
+                else f"; it has {', '.join(known) or 'none'}"
+            )
+        )
 
     def get(
         self,
@@ -493,36 +366,46 @@ class Detector:
         with self._reading() as snap:
             if version is not None:
                 return self._read_version(snap, ctype, normalize_version(version))
-            index = self._index(snap, ctype)
-            entry = index.select(run=run, time=time)
+            axis, point = point_of(run, time)
+            self._check_ctype(snap, ctype)
+            table = snap.index.table(ctype, axis)
+            entry = None if table is None else select(table, point, axis)
             if entry is None:
-                point = f"run {run}" if run is not None else f"time {time}"
+                where = f"run {run}" if run is not None else f"time {time}"
                 near = "; ".join(
-                    f"{e.name} ({e.validity.describe()})" for e in index.nearest(run=run, time=time)
+                    f"{e.name} ({e.validity.describe()})"
+                    for e in ([] if table is None else nearest(table.all(), point, axis))
                 )
                 raise StoreError(
-                    f"detector {self.name}: no valid {ctype} constants cover {point}"
+                    f"detector {self.name}: no valid {ctype} constants cover {where}"
                     + (f"; nearest ranges: {near}" if near else "; the type has no ranges")
                 )
             assert entry.default is not None
-            return self._read_version(snap, ctype, entry.default)
+            return self._constants(snap, ctype, entry.name, entry.default, entry.validity)
 
     def _read_version(self, snap: _Snapshot, ctype: str, vid: str) -> Constants:
-        where = snap.versions.get(vid)
+        where = snap.index.locate(vid)
         if where is None or where[0] != ctype:
             raise StoreError(f"detector {self.name}: no version {vid} of {ctype}")
-        range_group = snap.h5[ctype][where[1]]
-        group = range_group[vid]
+        validity = validity_of(snap.h5[ctype][where[1]])
+        return self._constants(snap, ctype, where[1], vid, validity)
+
+    @staticmethod
+    def _constants(
+        snap: _Snapshot, ctype: str, range_name: str, vid: str, validity: Validity
+    ) -> Constants:
+        group = snap.h5[f"{ctype}/{range_name}/{vid}"]
+        attrs = group.attrs
         return Constants(
             array=group["calib"][()],
             version=vid,
             ctype=ctype,
-            range=where[1],
-            validity=_validity_of(range_group),
-            produced=float(group.attrs["produced"]),
+            range=range_name,
+            validity=validity,
+            produced=float(attrs["produced"]),
             metadata=_json_attr(group, "metadata", {}),
-            comment=str(group.attrs["comment"]),
-            retired=bool(group.attrs["retired"]),
+            comment=str(attrs["comment"]),
+            retired=bool(attrs["retired"]),
         )
 
     def history(self, ctype: str | None = None) -> list[HistoryRecord]:
@@ -540,7 +423,7 @@ class Detector:
 
             top = snap.h5 if ctype is None else snap.h5.get(ctype)
             if top is None:
-                self._index(snap, ctype or "")  # raises with close matches
+                self._check_ctype(snap, ctype or "")  # raises with close matches
             prefix = ctype or ""
             collect(prefix, top)
             top.visititems(
@@ -574,8 +457,11 @@ class Detector:
         return FileLock(self._rlock_path, what=f"applying to {self.path}", record=False)
 
     def _recover(self) -> None:
-        with self._apply_lock().hold(self.store.lock_timeout_s):
-            recover(self.path)
+        """Finish or discard a dead writer's commit. Under the writer lock, only a dead
+        writer can have left a journal, so checking without the apply lock is safe."""
+        if pending(self.path):
+            with self._apply_lock().hold(self.store.lock_timeout_s):
+                recover(self.path)
 
     @contextlib.contextmanager
     def _writing(self) -> Iterator[h5py.File]:
@@ -594,6 +480,7 @@ class Detector:
             try:
                 try:
                     with h5py.File(journaled, "r+", libver=LIBVER) as h5:
+                        migrate(h5)  # a file written by an older calloop gets its tables
                         yield h5
                 except BaseException:
                     if created:
@@ -619,7 +506,7 @@ class Detector:
                 successor="",
                 parameters="{}",
                 next_version=1,
-                format_version=1,
+                format_version=FORMAT,
                 history=json.dumps(
                     [
                         {
@@ -676,8 +563,9 @@ class Detector:
                 f"detector {self.name} {ctype}: {mismatch}; pass force=True (CLI: --force) "
                 "if the new layout is intended"
             )
-        vid = f"v{int(h5.attrs['next_version']):06d}"
-        h5.attrs["next_version"] = int(h5.attrs["next_version"]) + 1
+        number = int(h5.attrs["next_version"])
+        vid = version_id(number)
+        h5.attrs["next_version"] = number + 1
         range_group = self._range_group(ctype_group, validity)
         group = range_group.create_group(vid)
         group.create_dataset("calib", data=array)
@@ -688,18 +576,19 @@ class Detector:
             retired=retired,
             content_hash=content_hash(array),
         )
-        _log(h5, OP_ADD, ctype, range_group, vid)
-        if retired:
-            _log(h5, OP_RETIRE, ctype, range_group, vid)
         _append_history(group, "add", comment or "added")
         if mismatch:
             _append_history(ctype_group, "force", f"{vid}: {mismatch}")
         if not retired:
-            ctype_group.attrs.update(
-                current_version=vid, current_shape=list(array.shape), current_dtype=array.dtype.str
-            )
+            ctype_group.attrs["current_version"] = vid
+            if mismatch or "current_shape" not in ctype_group.attrs:  # else unchanged
+                ctype_group.attrs.update(
+                    current_shape=list(array.shape), current_dtype=array.dtype.str
+                )
             if not bool(range_group.attrs["pinned"]):
                 range_group.attrs["default_version"] = vid
+        ops = [(OP_ADD, vid), (OP_RETIRE, vid)] if retired else [(OP_ADD, vid)]
+        record(h5, ctype, range_group, ops, validity)
         return vid
 
     @staticmethod
@@ -716,9 +605,9 @@ class Detector:
         name = checked_range_name(validity)
         if name in ctype_group:
             group = ctype_group[name]
-            if _validity_of(group) != validity:
+            if validity_of(group) != validity:
                 raise StoreError(
-                    f"range {name} exists with validity {_validity_of(group).describe()}, "
+                    f"range {name} exists with validity {validity_of(group).describe()}, "
                     f"not {validity.describe()}"
                 )
             return group
@@ -729,12 +618,11 @@ class Detector:
         return group
 
     def _locate(self, h5: h5py.File, vid: str) -> tuple[str, h5py.Group, h5py.Group]:
-        """(ctype, range group, version group) of ``vid``, found through the index log."""
-        rows = h5[INDEX].fields(["ctype", "range", "version", "op"])[()]
-        hits = np.flatnonzero((rows["version"] == vid.encode()) & (rows["op"] == OP_ADD))
-        if not hits.size:
+        """(ctype, range group, version group) of ``vid``, found through the index."""
+        where = FileIndex(h5).locate(vid)
+        if where is None:
             raise StoreError(f"detector {self.name}: no version {vid}")
-        ctype, range_name = rows["ctype"][hits[0]].decode(), rows["range"][hits[0]].decode()
+        ctype, range_name = where
         range_group = h5[ctype][range_name]
         return ctype, range_group, range_group[vid]
 
@@ -759,7 +647,7 @@ class Detector:
                 range_group.attrs.update(
                     pinned=False, default_version=_newest_valid(range_group) or ""
                 )
-                _log(h5, OP_UNPIN, ctype, range_group, "")
+                record(h5, ctype, range_group, [(OP_UNPIN, "")])
                 _append_history(range_group, "unpin", comment or "default follows newest")
                 return
             vid = normalize_version(version)
@@ -767,7 +655,7 @@ class Detector:
             if bool(group.attrs["retired"]):
                 raise StoreError(f"{vid} is retired and cannot be the default")
             range_group.attrs.update(pinned=True, default_version=vid)
-            _log(h5, OP_PIN, vctype, range_group, vid)
+            record(h5, vctype, range_group, [(OP_PIN, vid)])
             _append_history(range_group, "set_default", f"{vid} pinned. {comment}".strip())
 
     def retire(self, version: str, comment: str = "") -> None:
@@ -776,12 +664,12 @@ class Detector:
         with self._writing() as h5:
             vctype, range_group, group = self._locate(h5, vid)
             group.attrs["retired"] = True
-            _log(h5, OP_RETIRE, vctype, range_group, vid)
             _append_history(group, "retire", comment or "retired")
             if str(range_group.attrs["default_version"]) == vid:
                 range_group.attrs.update(
                     pinned=False, default_version=_newest_valid(range_group) or ""
                 )
+            record(h5, vctype, range_group, [(OP_RETIRE, vid)])
 
     def set_links(
         self,
@@ -868,7 +756,7 @@ def normalize_version(version: str | int) -> str:
     text = str(version).lstrip("v")
     if not text.isdigit():
         raise StoreError(f"invalid version id {version!r} (expected e.g. v000042 or 42)")
-    return f"v{int(text):06d}"
+    return version_id(int(text))
 
 
 def _validity(

@@ -30,19 +30,16 @@ import numpy as np
 
 from loop.errors import StoreError
 from loop.fsutil import atomic_path
+from loop.store.index import INTERNAL, checked_range_name, rebuild_from_groups, validity_of
 from loop.store.lookup import Validity
 from loop.store.names import check_detector, check_name
 from loop.store.store import (
-    INDEX,
     LIBVER,
     CalibStore,
     Detector,
     _append_history,
     _json_attr,
-    _rebuild_index,
-    _validity_of,
     check_storable,
-    checked_range_name,
     content_hash,
     open_readonly,
 )
@@ -75,9 +72,9 @@ def export_detector(
     if target.exists():
         raise StoreError(f"export target {target} exists; choose an empty destination")
     with detector._reading() as snap:
-        wanted = ctypes or sorted(snap.indexes)
+        wanted = ctypes or snap.index.ctypes()
         for ctype in wanted:
-            detector._index(snap, ctype)  # unknown ctype: clear error before writing
+            detector._check_ctype(snap, ctype)  # unknown ctype: clear error before writing
         with atomic_path(target, ".h5") as tmp, h5py.File(tmp, "w", libver=LIBVER) as out:
             for key, value in snap.h5.attrs.items():
                 out.attrs[key] = value
@@ -89,9 +86,9 @@ def export_detector(
                 for key, value in source.attrs.items():
                     dest.attrs[key] = value
                 for range_name, range_group in source.items():
-                    if _overlaps(_validity_of(range_group), runs, times):
+                    if _overlaps(validity_of(range_group), runs, times):
                         snap.h5.copy(range_group, dest, name=range_name)
-            _rebuild_index(out)
+            rebuild_from_groups(out)
     return target
 
 
@@ -257,11 +254,11 @@ def _open_untrusted(path: Path, limits: ImportLimits) -> Iterator[h5py.File]:
 def _walk(source: h5py.File, budget: _Budget) -> Iterator[tuple[_Version, h5py.Dataset]]:
     """Every version of the file with its ``calib`` dataset, checked but not yet read."""
     for ctype in source:
-        if ctype == INDEX:  # the store rebuilds its own log; this one is never read
+        if ctype in INTERNAL:  # the store rebuilds its own index; this one is never read
             continue
         check_name("calibration type", ctype)
         for range_group in _subgroups(_hard_link(source, ctype, h5py.Group, budget), budget):
-            validity = _validity_of(range_group)
+            validity = validity_of(range_group)
             checked_range_name(validity)  # fits the index log
             for group in _subgroups(range_group, budget):
                 dataset = _hard_link(group, "calib", h5py.Dataset, budget)
