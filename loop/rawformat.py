@@ -11,11 +11,16 @@ The name is canonical: the run number without leading zeros, the LS number with 
 least four digits and no more leading zeros than that (``ls0001``, ``ls12345``), so one
 LS has exactly one file name. Files appear by atomic rename, so a file with the final
 name is always complete; :func:`check_raw_ls` is what reco requires of its content.
+:func:`start_reading_raw_ls` reads the layout :func:`write_raw_ls` writes faster than h5py
+does, by inflating its chunks in several threads; any other layout is read by h5py.
 """
 
 from __future__ import annotations
 
 import re
+import zlib
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,27 +107,138 @@ def write_raw_ls(path: Path, content: RawLS) -> int:
     return path.stat().st_size
 
 
-def read_raw_ls(path: Path) -> RawLS:
-    """Read one LS file; any corruption becomes a :class:`RawFileError` naming the file."""
+def read_raw_ls(path: Path, pool: Executor | None = None) -> RawLS:
+    """Read one LS file; any corruption becomes a :class:`RawFileError` naming the file.
+    With ``pool`` (threads), see :func:`start_reading_raw_ls`."""
+    return start_reading_raw_ls(path, pool)()
+
+
+def start_reading_raw_ls(path: Path, pool: Executor | None) -> Callable[[], RawLS]:
+    """Start reading one LS file; the returned callable waits for its content (or raises
+    the :class:`RawFileError` :func:`read_raw_ls` raises).
+
+    HDF5 is read now, in this thread. With ``pool`` (threads), the frames' gzip chunks
+    are then inflated in the pool, in parallel, while the caller goes on (e.g. writes the
+    previous LS): h5py holds the GIL and its own lock while HDF5 runs its filters, one
+    chunk after the other, whereas zlib and numpy's copies release the GIL.
+    """
     try:
-        with h5py.File(path, "r") as h5:
-            frames = h5["frames"][...]
-            trigger = h5["trigger"][...]
-            attrs = dict(h5.attrs)
-            content = RawLS(
-                run=int(attrs["run"]),
-                ls=int(attrs["ls"]),
-                detector=str(attrs["detector"]),
-                frames=frames,
-                trigger=trigger,
-                start_time=float(attrs["start_time"]),
-                end_time=float(attrs["end_time"]),
-            )
-    except (OSError, KeyError, ValueError, TypeError) as exc:
-        raise RawFileError(path, f"unreadable or not in calloop raw format ({exc})") from exc
+        content, inflating = _start_read(path, pool)
+    except RawFileError as exc:
+        return _raiser(exc)
+    except _READ_ERRORS as exc:
+        return _raiser(_unreadable(path, exc))
+
+    def wait() -> RawLS:
+        try:
+            for job in inflating:
+                job.result()
+        except _READ_ERRORS as exc:
+            raise _unreadable(path, exc) from exc
+        return content
+
+    return wait
+
+
+_READ_ERRORS = (OSError, KeyError, ValueError, TypeError, zlib.error)
+
+
+def _unreadable(path: Path, exc: Exception) -> RawFileError:
+    error = RawFileError(path, f"unreadable or not in calloop raw format ({exc})")
+    error.__cause__ = exc
+    return error
+
+
+def _raiser(error: RawFileError) -> Callable[[], RawLS]:
+    def fail() -> RawLS:
+        raise error
+
+    return fail
+
+
+def _start_read(path: Path, pool: Executor | None) -> tuple[RawLS, list[Future[None]]]:
+    with h5py.File(path, "r") as h5:
+        frames, inflating = _start_frames(h5["frames"], pool)
+        trigger = h5["trigger"][...]
+        attrs = dict(h5.attrs)
+        content = RawLS(
+            run=int(attrs["run"]),
+            ls=int(attrs["ls"]),
+            detector=str(attrs["detector"]),
+            frames=frames,
+            trigger=trigger,
+            start_time=float(attrs["start_time"]),
+            end_time=float(attrs["end_time"]),
+        )
     if frames.ndim != 2 or trigger.shape != (frames.shape[0],):
         raise RawFileError(path, f"frames {frames.shape} and trigger {trigger.shape} do not match")
-    return content
+    return content, inflating
+
+
+_GZIP_PIPELINES = ([h5py.h5z.FILTER_SHUFFLE, h5py.h5z.FILTER_DEFLATE], [h5py.h5z.FILTER_DEFLATE])
+
+
+def _start_frames(
+    dataset: h5py.Dataset, pool: Executor | None
+) -> tuple[np.ndarray, list[Future[None]]]:
+    """The dataset's array, and the inflations still filling it (none when h5py read it)."""
+    if pool is not None and _whole_row_gzip_chunks(dataset):
+        started = _start_inflating(dataset, pool)
+        if started is not None:
+            return started
+    return dataset[...], []
+
+
+def _whole_row_gzip_chunks(dataset: h5py.Dataset) -> bool:
+    """A 2-d native-endian dataset in chunks of whole rows, every chunk written, filtered by
+    deflate alone or shuffle then deflate: the layout :func:`write_raw_ls` writes."""
+    if dataset.ndim != 2 or dataset.chunks is None or not dataset.dtype.isnative:
+        return False
+    rows, width = dataset.chunks
+    if width != dataset.shape[1] or dataset.dtype.kind not in "uif":
+        return False
+    plist = dataset.id.get_create_plist()
+    filters = [plist.get_filter(i)[0] for i in range(plist.get_nfilters())]
+    expected_chunks = -(-dataset.shape[0] // rows)
+    return filters in _GZIP_PIPELINES and dataset.id.get_num_chunks() == expected_chunks
+
+
+def _start_inflating(
+    dataset: h5py.Dataset, pool: Executor
+) -> tuple[np.ndarray, list[Future[None]]] | None:
+    """Read every chunk's stored bytes (a memory copy), then have the pool inflate them
+    and undo the shuffle filter straight into the array; None if a chunk was stored with
+    a filter skipped (h5py then reads the dataset)."""
+    rows = dataset.chunks[0]
+    stored = []
+    for start in range(0, dataset.shape[0], rows):
+        mask, data = dataset.id.read_direct_chunk((start, 0))
+        if mask != 0:
+            return None
+        stored.append((start, data))
+    frames = np.empty(dataset.shape, dataset.dtype)
+    shuffled = dataset.id.get_create_plist().get_filter(0)[0] == h5py.h5z.FILTER_SHUFFLE
+    chunk_bytes = rows * dataset.shape[1] * dataset.dtype.itemsize
+    return frames, [
+        pool.submit(_inflate_into, data, frames[start : start + rows], shuffled, chunk_bytes)
+        for start, data in stored
+    ]
+
+
+def _inflate_into(data: bytes, out: np.ndarray, shuffled: bool, chunk_bytes: int) -> None:
+    """Decode one stored chunk into ``out`` (its rows inside the dataset: the chunk at the
+    end of the dataset is stored whole, rows past the end included)."""
+    raw = zlib.decompress(data, bufsize=chunk_bytes)
+    if len(raw) != chunk_bytes:
+        raise ValueError(f"a chunk inflates to {len(raw)} bytes, not {chunk_bytes}")
+    itemsize, values = out.dtype.itemsize, out.size
+    if shuffled and itemsize > 1:  # HDF5's shuffle: byte i of every value, for each i
+        planes = np.frombuffer(raw, np.uint8).reshape(itemsize, -1)
+        target = out.reshape(-1).view(np.uint8)
+        for i in range(itemsize):  # one strided copy per plane: ~30x faster than a transpose
+            target[i::itemsize] = planes[i, :values]
+    else:
+        out.reshape(-1)[...] = np.frombuffer(raw, out.dtype, count=values)
 
 
 def check_raw_ls(path: Path, content: RawLS, channels: int) -> None:

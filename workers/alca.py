@@ -1,4 +1,8 @@
-"""Step-3 worker: reco files -> mergeable per-channel accumulators (``alca.h5``)."""
+"""Step-3 worker: reco files -> mergeable per-channel accumulators (``alca.h5``).
+
+Reads every format reco has written: ``frames`` uncompressed, a virtual dataset over
+per-LS parts (now), or one gzip-compressed dataset (earlier versions, still on disk in a
+running deployment); h5py resolves both."""
 
 from __future__ import annotations
 
@@ -21,16 +25,21 @@ TRIGGER_NAMES = {code: name for name, code in TRIGGER_CODES.items()}
 def reduce_events(
     frames: np.ndarray, trigger: np.ndarray, config: CalibrationConfig
 ) -> Accumulators:
-    """Accumulators per trigger type of one set of events (pure)."""
+    """Accumulators per trigger type of one set of events (pure). Each trigger type's
+    events are read from ``frames`` by row index, block by block, not copied out whole."""
     histogram = None
     if config.step3.histogram is not None:
         h = config.step3.histogram
         histogram = (h.bins, h.low, h.high)
+    codes = np.unique(trigger)
     return {
         TRIGGER_NAMES[int(code)]: ChannelStats.from_frames(
-            frames[trigger == code], config.step3.occupancy_threshold, histogram
+            frames,
+            config.step3.occupancy_threshold,
+            histogram,
+            rows=None if len(codes) == 1 else np.flatnonzero(trigger == code),
         )
-        for code in np.unique(trigger)
+        for code in codes
     }
 
 

@@ -12,6 +12,7 @@ retries, then gives up).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +24,14 @@ from loop.jobconfig import load_frozen
 from loop.manifest import BadInput, write_manifest
 
 EXIT_BAD_INPUT = 2
+MAX_THREADS = 4
+"""Most threads one job starts (reco's threads inflating raw chunks)."""
+
+
+def job_threads() -> int:
+    """Threads a job may use: the CPUs it may run on (its Slurm allocation, its cgroup's
+    affinity), at most :data:`MAX_THREADS`."""
+    return max(1, min(MAX_THREADS, len(os.sched_getaffinity(0))))
 
 
 @dataclass
