@@ -57,9 +57,17 @@ class PollConfig(StrictModel):
     polling_interval_s: float = Field(
         1.0, gt=0, description="seconds between directory scans with observer: polling"
     )
-    tick_s: float = Field(0.2, gt=0, description="longest idle wait between loop cycles")
+    tick_s: float = Field(
+        0.2,
+        gt=0,
+        description="seconds between job status polls while jobs are in flight; an idle "
+        "daemon does not tick, it sleeps until an event (file, command, signal) or a timer",
+    )
     heartbeat_s: float = Field(
-        2.0, gt=0, description="seconds between status-file updates (calloop status)"
+        2.0,
+        gt=0,
+        description="seconds between status-file updates (calloop status); an unchanged "
+        "status is only touched; also the longest sleep of an idle daemon",
     )
 
 
@@ -111,6 +119,12 @@ class LocalBackendConfig(StrictModel):
     """The local backend: a bounded pool of subprocesses."""
 
     max_parallel: int = Field(2, ge=1, description="jobs running at once, per daemon")
+    warm_pool: bool = Field(
+        True,
+        description="fork jobs from a pre-imported server per daemon instead of starting "
+        "a Python interpreter for each (same files, deadlines, isolation); false: "
+        "subprocesses only",
+    )
 
 
 class SlurmConfig(StrictModel):

@@ -1,4 +1,5 @@
-"""The local backend and the job wrapper with real subprocesses."""
+"""The local backend and the job wrapper with real subprocesses: every test runs with jobs
+started as subprocesses and with jobs forked by the warm pool (its fork server ready)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,7 +16,37 @@ import pytest
 
 from workers.backends import procfs
 from workers.backends.base import JobSpec, JobState, JobStatus, exit_status_path, started_path
+from workers.backends.forkserver import PAYLOAD_MODULES
 from workers.backends.local import LocalBackend
+
+MakeBackend = Callable[[], LocalBackend]
+
+
+def local_backend(
+    mode: str, max_parallel: int = 1, preload: Sequence[str] = PAYLOAD_MODULES
+) -> LocalBackend:
+    """A local backend starting jobs as subprocesses (``mode`` "subprocess") or from its
+    warm pool, once the fork server is ready (so no job silently starts otherwise)."""
+    backend = LocalBackend(max_parallel, warm_pool=mode != "subprocess", preload=preload)
+    if backend.pool is not None:
+        assert backend.pool.wait_ready(60), "the fork server did not start"
+    return backend
+
+
+@pytest.fixture(params=["subprocess", "pool"])
+def make_backend(request: pytest.FixtureRequest) -> Iterator[MakeBackend]:
+    """Local backends of one mode; a pool that fell back to subprocesses fails the test."""
+    made: list[LocalBackend] = []
+
+    def make() -> LocalBackend:
+        made.append(local_backend(request.param))
+        return made[-1]
+
+    yield make
+    for backend in made:
+        assert backend.pool is None or not backend.pool.degraded, "jobs fell back"
+        backend.close()
+
 
 # a payload that starts a grandchild in its own process group and records both pids
 SPAWNER = (
@@ -45,8 +77,8 @@ def _wait(backend: LocalBackend, backend_id: str, spec: JobSpec, limit: float = 
     raise AssertionError("job did not finish")
 
 
-def test_success_with_logs_and_exit_status(tmp_path: Path) -> None:
-    backend = LocalBackend(2)
+def test_success_with_logs_and_exit_status(tmp_path: Path, make_backend: MakeBackend) -> None:
+    backend = make_backend()
     spec = _spec(tmp_path, "print('hello'); import sys; print('oops', file=sys.stderr)")
     status = _wait(backend, backend.submit(spec), spec)
     assert status == JobStatus(JobState.SUCCEEDED, 0)
@@ -56,23 +88,23 @@ def test_success_with_logs_and_exit_status(tmp_path: Path) -> None:
     assert record["exit_code"] == 0 and record["attempt"] == 1
 
 
-def test_failure_exit_code(tmp_path: Path) -> None:
-    backend = LocalBackend(1)
+def test_failure_exit_code(tmp_path: Path, make_backend: MakeBackend) -> None:
+    backend = make_backend()
     spec = _spec(tmp_path, "raise SystemExit(3)")
     status = _wait(backend, backend.submit(spec), spec)
     assert status.state is JobState.FAILED and status.exit_code == 3
 
 
-def test_timeout_kills_the_payload(tmp_path: Path) -> None:
-    backend = LocalBackend(1)
+def test_timeout_kills_the_payload(tmp_path: Path, make_backend: MakeBackend) -> None:
+    backend = make_backend()
     spec = _spec(tmp_path, "import time; time.sleep(60)", timeout=0.5)
     status = _wait(backend, backend.submit(spec), spec)
     assert status.state is JobState.TIMEOUT and status.exit_code == 124
     assert json.loads(exit_status_path(spec).read_text())["timed_out"] is True
 
 
-def test_cancel(tmp_path: Path) -> None:
-    backend = LocalBackend(1)
+def test_cancel(tmp_path: Path, make_backend: MakeBackend) -> None:
+    backend = make_backend()
     spec = _spec(tmp_path, "import time; time.sleep(60)")
     backend_id = backend.submit(spec)
     _started(spec)
@@ -128,8 +160,8 @@ def _spawner_spec(tmp_path: Path) -> JobSpec:
     return replace(spec, argv=[*spec.argv, str(spec.job_dir / "pids")])
 
 
-def test_killed_wrapper_is_lost(tmp_path: Path) -> None:
-    backend = LocalBackend(1)
+def test_killed_wrapper_is_lost(tmp_path: Path, make_backend: MakeBackend) -> None:
+    backend = make_backend()
     spec = _spec(tmp_path, "import time; time.sleep(60)")
     backend_id = backend.submit(spec)
     time.sleep(0.5)
@@ -137,21 +169,22 @@ def test_killed_wrapper_is_lost(tmp_path: Path) -> None:
     assert _wait(backend, backend_id, spec).state is JobState.LOST
 
 
-def test_another_backend_instance_adopts_running_jobs(tmp_path: Path) -> None:
+def test_another_backend_instance_adopts_running_jobs(
+    tmp_path: Path, make_backend: MakeBackend
+) -> None:
     """After a daemon restart, a new backend object follows the old jobs by id."""
-    first = LocalBackend(1)
+    first, adopted = make_backend(), make_backend()
     spec = _spec(tmp_path, "import time; time.sleep(1)")
     backend_id = first.submit(spec)
     time.sleep(0.3)
-    adopted = LocalBackend(1)
     assert adopted.find(spec) == backend_id
     assert adopted.poll({backend_id: spec})[backend_id].state is JobState.RUNNING
     assert _wait(adopted, backend_id, spec).state is JobState.SUCCEEDED
     assert first.poll({backend_id: spec})[backend_id].state is JobState.SUCCEEDED  # reaped
 
 
-def test_find_without_a_start_is_none(tmp_path: Path) -> None:
-    assert LocalBackend(1).find(_spec(tmp_path, "pass")) is None
+def test_find_without_a_start_is_none(tmp_path: Path, make_backend: MakeBackend) -> None:
+    assert make_backend().find(_spec(tmp_path, "pass")) is None
 
 
 def test_wrapper_requires_a_command(tmp_path: Path) -> None:
@@ -161,10 +194,10 @@ def test_wrapper_requires_a_command(tmp_path: Path) -> None:
         main(["--job-dir", str(tmp_path), "--attempt", "1", "--timeout", "1", "--"])
 
 
-def test_killed_wrapper_takes_its_payload_along(tmp_path: Path) -> None:
+def test_killed_wrapper_takes_its_payload_along(tmp_path: Path, make_backend: MakeBackend) -> None:
     """SIGKILL of the wrapper alone: the kernel kills the payload at once (death signal);
     what the payload started in its group is killed when the backend finds the job lost."""
-    backend = LocalBackend(1)
+    backend = make_backend()
     spec = _spawner_spec(tmp_path)
     backend_id = backend.submit(spec)
     payload, grandchild = _spawned(spec)
@@ -176,8 +209,10 @@ def test_killed_wrapper_takes_its_payload_along(tmp_path: Path) -> None:
     assert gone(grandchild, limit=2.0), "the payload's child outlived the lost attempt"
 
 
-def test_running_status_has_run_time_and_stopped_processes(tmp_path: Path) -> None:
-    backend = LocalBackend(1)
+def test_running_status_has_run_time_and_stopped_processes(
+    tmp_path: Path, make_backend: MakeBackend
+) -> None:
+    backend = make_backend()
     spec = _spec(tmp_path, "import time; time.sleep(60)")
     backend_id = backend.submit(spec)
     payload = int(str(_started(spec)["payload_pgid"]))
@@ -192,8 +227,10 @@ def test_running_status_has_run_time_and_stopped_processes(tmp_path: Path) -> No
     assert gone(payload, limit=2.0)
 
 
-def test_kill_ends_stopped_wrapper_payload_and_descendants(tmp_path: Path) -> None:
-    backend = LocalBackend(1)
+def test_kill_ends_stopped_wrapper_payload_and_descendants(
+    tmp_path: Path, make_backend: MakeBackend
+) -> None:
+    backend = make_backend()
     spec = _spawner_spec(tmp_path)
     backend_id = backend.submit(spec)
     payload, grandchild = _spawned(spec)
@@ -205,9 +242,11 @@ def test_kill_ends_stopped_wrapper_payload_and_descendants(tmp_path: Path) -> No
     assert backend.poll({backend_id: spec})[backend_id].state is JobState.LOST
 
 
-def test_kill_spares_a_reused_process_group_number(tmp_path: Path) -> None:
+def test_kill_spares_a_reused_process_group_number(
+    tmp_path: Path, make_backend: MakeBackend
+) -> None:
     """A recorded group whose number now leads another process is left alone."""
-    bystander = LocalBackend(1)
+    bystander = make_backend()
     other = _spec(tmp_path / "other", "import time; time.sleep(60)")
     other_id = bystander.submit(other)
     pid = int(other_id.split(":")[1])

@@ -18,4 +18,5 @@ def make_backend(loop_config: LoopConfig, calibration: CalibrationConfig) -> Bac
         return SlurmBackend(loop_config.jobs.slurm, calibration.name)
     from workers.backends.local import LocalBackend
 
-    return LocalBackend(loop_config.jobs.local.max_parallel)
+    local = loop_config.jobs.local
+    return LocalBackend(local.max_parallel, warm_pool=local.warm_pool)

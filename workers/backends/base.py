@@ -51,10 +51,11 @@ class JobSpec:
 
     def wrapped(self, python: str = sys.executable) -> list[str]:
         """The command line the backend runs: the wrapper around the payload argv."""
+        return [python, "-m", "workers.wrapper", *self.wrapper_args()]
+
+    def wrapper_args(self) -> list[str]:
+        """The wrapper's arguments (:func:`workers.wrapper.main`), payload argv last."""
         return [
-            python,
-            "-m",
-            "workers.wrapper",
             "--job-dir",
             str(self.job_dir),
             "--attempt",

@@ -4,6 +4,12 @@ Each job is ``workers.wrapper`` in its own session (so it survives a daemon rest
 can be re-adopted), stdout/stderr go to the job directory, and the backend id
 ``local:<pid>:<start ticks>`` identifies the process even if its pid is later reused; the
 start ticks also give the attempt's run time (:mod:`workers.backends.procfs`).
+
+With the warm pool (``jobs.local.warm_pool``, the default) the wrapper is forked from
+the daemon's fork server (:mod:`workers.backends.forkserver`) instead of started as a new
+interpreter, with the same files, id, deadlines and isolation. When the server cannot
+be used, jobs start as subprocesses again, with one WARNING, and a new server is tried
+after :data:`RETRY_AFTER_S`.
 """
 
 from __future__ import annotations
@@ -13,9 +19,13 @@ import os
 import signal
 import subprocess
 import sys
+import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import IO, Protocol
 
 from loop.errors import JobError
+from loop.logs import get_logger
 from workers.backends import procfs
 from workers.backends.base import (
     JobSpec,
@@ -24,6 +34,11 @@ from workers.backends.base import (
     read_exit_status,
     started_path,
 )
+from workers.backends.forkserver import PAYLOAD_MODULES, ForkServer, ForkServerError
+
+RETRY_AFTER_S = 60.0  # after the fork server failed, jobs start as subprocesses this long
+
+log = get_logger("calloop.backend.local")
 
 
 def _wrapper(backend_id: str) -> procfs.ProcStat | None:
@@ -64,15 +79,127 @@ def _kill_payload(spec: JobSpec) -> None:
         procfs.kill_group(*group)
 
 
+class _Child(Protocol):
+    """A started wrapper this backend waits for: a Popen, or a fork server's child."""
+
+    def wait(self, timeout: float | None = None) -> object:
+        """Return once it exited; TimeoutExpired if it runs on after ``timeout``."""
+        ...
+
+
+class _PoolChild:
+    """A wrapper forked by the fork server: its exit is collected there, so waiting for
+    it means watching it in ``/proc``."""
+
+    def __init__(self, pid: int, start_ticks: int) -> None:
+        self.pid, self.start_ticks = pid, start_ticks
+
+    def wait(self, timeout: float | None = None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while procfs.live(self.pid, self.start_ticks) is not None:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired(str(self.pid), timeout or 0.0)
+            time.sleep(0.02)
+
+
+class WarmPool:
+    """The backend's fork server: started with the backend, in the background (jobs
+    start as subprocesses until it is ready), replaced some time after a failure."""
+
+    def __init__(self, python: str, preload: Sequence[str]) -> None:
+        self.python = python
+        self.preload = tuple(preload)
+        self.server: ForkServer | None = None
+        self._retry_at = 0.0
+        self._failing = False  # since the last WARNING: no second one until it works
+        self._start()
+
+    @property
+    def degraded(self) -> bool:
+        """True from a failure of the server until a new one is ready."""
+        return self._failing
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Wait until the server can take jobs (benchmarks, tests); False if it cannot."""
+        if self.server is None:
+            self._start()
+        return self._usable(wait_s=timeout) is not None
+
+    def spawn(self, spec: JobSpec, stdout: IO[bytes], stderr: IO[bytes]) -> _PoolChild | None:
+        """Start the job's wrapper from the server; None: start it as a subprocess."""
+        if self.server is None and time.monotonic() >= self._retry_at:
+            self._start()
+        server = self._usable(wait_s=0.0)
+        if server is None:
+            return None
+        try:
+            pid, ticks = server.spawn(
+                spec.wrapper_args(), spec.wrapped(self.python), stdout.fileno(), stderr.fileno()
+            )
+        except ForkServerError as exc:
+            self._failed(exc)
+            return None
+        return _PoolChild(pid, ticks)
+
+    def _start(self) -> None:
+        try:
+            self.server = ForkServer.start(self.python, self.preload)
+        except ForkServerError as exc:
+            self._failed(exc)
+
+    def _usable(self, wait_s: float) -> ForkServer | None:
+        """The server if it is ready; None while it imports, or after it failed."""
+        if self.server is None:
+            return None
+        try:
+            if not self.server.ready(wait_s):
+                return None
+        except ForkServerError as exc:
+            self._failed(exc)
+            return None
+        if self._failing:
+            log.info("warm worker pool restarted", server_pid=self.server.pid)
+            self._failing = False
+        return self.server
+
+    def _failed(self, exc: ForkServerError) -> None:
+        """Stop the server; jobs start as subprocesses until a new one is tried."""
+        if self.server is not None:
+            self.server.close(kill=True)
+            self.server = None
+        self._retry_at = time.monotonic() + RETRY_AFTER_S
+        (log.info if self._failing else log.warning)(
+            "warm worker pool unusable; jobs start as subprocesses until it is restarted",
+            error=str(exc),
+            retry_in_s=RETRY_AFTER_S,
+        )
+        self._failing = True
+
+    def close(self) -> None:
+        """Stop the server (running jobs go on)."""
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+
+
 class LocalBackend:
-    """Run jobs as local subprocesses, at most ``max_parallel`` at a time."""
+    """Run jobs as local subprocesses, at most ``max_parallel`` at a time; with
+    ``warm_pool``, forked from a fork server that has imported ``preload``."""
 
     name = "local"
 
-    def __init__(self, max_parallel: int, python: str = sys.executable) -> None:
+    def __init__(
+        self,
+        max_parallel: int,
+        python: str = sys.executable,
+        *,
+        warm_pool: bool = True,
+        preload: Sequence[str] = PAYLOAD_MODULES,
+    ) -> None:
         self.max_in_flight = max_parallel
         self.python = python
-        self._children: dict[str, subprocess.Popen[bytes]] = {}
+        self.pool = WarmPool(python, preload) if warm_pool else None
+        self._children: dict[str, _Child] = {}
 
     def submit(self, spec: JobSpec) -> str:
         """Start the wrapper in a new session with its logs in the job directory."""
@@ -82,6 +209,9 @@ class LocalBackend:
                 open(spec.log_path("stdout"), "wb") as out,
                 open(spec.log_path("stderr"), "wb") as err,
             ):
+                pooled = self.pool.spawn(spec, out, err) if self.pool is not None else None
+                if pooled is not None:
+                    return self._started(pooled, pooled.pid, pooled.start_ticks)
                 child = subprocess.Popen(
                     spec.wrapped(self.python),
                     stdout=out,
@@ -92,9 +222,17 @@ class LocalBackend:
         except OSError as exc:
             raise JobError(f"job {spec.key}: cannot start {spec.argv[0]!r}: {exc}") from exc
         proc = procfs.stat(child.pid)  # our child, not reaped: readable even if it ended
-        backend_id = f"local:{child.pid}:{proc.start_ticks if proc is not None else 0}"
+        return self._started(child, child.pid, proc.start_ticks if proc is not None else 0)
+
+    def _started(self, child: _Child, pid: int, start_ticks: int) -> str:
+        backend_id = f"local:{pid}:{start_ticks}"
         self._children[backend_id] = child
         return backend_id
+
+    def close(self) -> None:
+        """Stop the fork server, if any (jobs run on and can be re-adopted)."""
+        if self.pool is not None:
+            self.pool.close()
 
     def poll(self, jobs: dict[str, JobSpec]) -> dict[str, JobStatus]:
         """Exit-status files first; then whether the process still lives."""
@@ -117,16 +255,14 @@ class LocalBackend:
         )
 
     def _reap(self, backend_id: str, wait_s: float) -> None:
-        """Collect our own child's exit status so no zombie is left behind."""
+        """Collect our own child's exit status so no zombie is left behind (a pooled
+        one's is collected by the fork server: only its end is awaited)."""
         child = self._children.pop(backend_id, None)
         if child is None:
             return
         try:
-            child.wait(timeout=wait_s) if wait_s else child.poll()
+            child.wait(timeout=wait_s)
         except subprocess.TimeoutExpired:
-            self._children[backend_id] = child
-            return
-        if child.returncode is None:
             self._children[backend_id] = child
 
     def wait_children(self, timeout: float) -> None:

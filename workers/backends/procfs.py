@@ -10,6 +10,7 @@ clock.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import time
@@ -49,8 +50,13 @@ def stat(pid: int) -> ProcStat | None:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    fields = text.rsplit(")", 1)[1].split()  # the command name may hold spaces and ")"
+    fields = _fields(text)
     return ProcStat(pid, fields[0], int(fields[19]))  # state and field 22, starttime
+
+
+def _fields(text: str) -> list[str]:
+    """The fields of a stat line after the command name, from field 3 (state) on."""
+    return text.rsplit(")", 1)[1].split()  # the command name may hold spaces and ")"
 
 
 def live(pid: int, start_ticks: int | None) -> ProcStat | None:
@@ -77,3 +83,27 @@ def kill_group(pgid: int, leader_ticks: int | None) -> None:
         return
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, signal.SIGKILL)
+
+
+def thread_count() -> int:
+    """How many threads this process has (fork copies only the calling one)."""
+    return len(os.listdir("/proc/self/task"))
+
+
+def set_cmdline(argv: list[str]) -> bool:
+    """Show ``argv`` as this process's command line (``ps``, ``/proc/<pid>/cmdline``), as
+    far as it fits in the room of the command line the process was started with.
+
+    A forked process keeps its parent's command line; the kernel reads it from this
+    process's own memory between the addresses in fields 48 and 49 of its stat line, so
+    it is rewritten there (what setproctitle does; the interpreter keeps its own copy of
+    its arguments). False when there is no room at all.
+    """
+    fields = _fields(Path("/proc/self/stat").read_text())
+    start, end = int(fields[45]), int(fields[46])  # arg_start, arg_end
+    room = end - start
+    if room <= 1:
+        return False
+    text = b"\0".join(os.fsencode(arg) for arg in argv)[: room - 1]
+    ctypes.memmove(start, text.ljust(room, b"\0"), room)  # ends in NUL: no more is read
+    return True
