@@ -7,11 +7,19 @@ Run: ``python benchmarks/loop_latency.py``. Prints:
 2. the cost of one daemon cycle after 10 and after 10,000 LS already processed in the
    run, idle and with one new file (goal: flat);
 3. worker throughput: reco and alca MB/s beside plain h5py reading the same raw files.
+
+``--baseline /work/baseline`` prints only (1), for the code there and for this checkout,
+interleaved: ``--repeat`` rounds, each running both in fresh processes one after the
+other, then the medians of their p50 and p99 side by side.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -103,7 +111,7 @@ def submit_latency(observer: str, files: int) -> list[float]:
             ready.set()
             while not stop.is_set():
                 daemon.loop(time.time())
-                daemon.step.watcher.wake.wait(loop_config.poll.tick_s)
+                daemon.pause()  # as run_forever: until an event or a timer
             backend.wait_children(30)  # type: ignore[attr-defined]
             daemon.shutdown()
 
@@ -208,11 +216,61 @@ def worker_throughput(files: int) -> list[list[object]]:
     ]
 
 
+REPO = Path(__file__).resolve().parent.parent
+LATENCY_CHILD = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from benchmarks._common import percentiles_ms
+from benchmarks.loop_latency import submit_latency
+from loop.logs import setup_logging
+setup_logging(None, "bench", "bench", console=False)
+print(json.dumps(percentiles_ms(submit_latency(sys.argv[2], int(sys.argv[3])))))
+"""
+
+
+def latency_in(code: Path, observer: str, files: int) -> tuple[float, float]:
+    """(p50, p99) ms of :func:`submit_latency` run by the code at ``code``."""
+    result = subprocess.run(
+        [sys.executable, "-c", LATENCY_CHILD, str(code), observer, str(files)],
+        env={**os.environ, "PYTHONPATH": str(code)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
+    p50, p99 = json.loads(result.stdout.strip().splitlines()[-1])
+    return p50, p99
+
+
+def compare_latency(baseline: Path, files: int, repeat: int) -> None:
+    """Before (``baseline``) and after (this checkout), interleaved; medians."""
+    rows = []
+    for observer in ("inotify", "polling"):
+        samples: dict[str, list[tuple[float, float]]] = {"before": [], "after": []}
+        for _ in range(repeat):
+            for label, code in (("before", baseline), ("after", REPO)):
+                samples[label].append(latency_in(code, observer, files))
+        for label, runs in samples.items():
+            p50 = statistics.median(r[0] for r in runs)
+            p99 = statistics.median(r[1] for r in runs)
+            rows.append([observer, label, files, repeat, p50, p99])
+    table(
+        "raw file renamed into place -> job submitted (ms), medians of interleaved runs",
+        ["observer", "code", "files", "runs", "p50", "p99"],
+        rows,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--files", type=int, default=40)
     parser.add_argument("--cycles", type=int, default=200)
+    parser.add_argument("--baseline", type=Path, help="compare latency with the code there")
+    parser.add_argument("--repeat", type=int, default=5, help="rounds with --baseline")
     args = parser.parse_args()
+    if args.baseline is not None:
+        compare_latency(args.baseline, args.files, args.repeat)
+        return
     setup_logging(None, "bench", "bench", console=False)
     rows = []
     for observer in ("inotify", "polling"):

@@ -4,7 +4,8 @@ A registry poll or a conditions-DB upload may take its whole call deadline (see
 :mod:`loop.callpolicy`); made inside a cycle, that delays every run's file processing
 and the answer to SIGTERM. A :class:`BackgroundCall` runs one such call at a time on
 its own daemon thread: the loop starts a call when none is in flight and collects the
-outcome on a later cycle, never waiting. The thread is a daemon thread, so a call stuck
+outcome on a later cycle, never waiting; ``on_done`` (the daemon's wake event) tells
+the sleeping loop that an outcome waits. The thread is a daemon thread, so a call stuck
 in a hung service never holds the process at exit.
 
 The loop keeps every journal write to itself: the callable given to :meth:`start` talks
@@ -50,10 +51,12 @@ class Outcome(Generic[T]):
 
 class BackgroundCall(Generic[T]):
     """One call at a time on a dedicated daemon thread (the same thread every time, so
-    a client object with thread affinity stays on one thread)."""
+    a client object with thread affinity stays on one thread); ``on_done`` is called on
+    that thread after each call, its outcome stored."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, on_done: Callable[[], None] = lambda: None) -> None:
         self.name = name
+        self._on_done = on_done
         self._requests: queue.SimpleQueue[Callable[[], T]] = queue.SimpleQueue()
         self._outcome: Outcome[T] | None = None
         self._busy = False
@@ -95,3 +98,4 @@ class BackgroundCall(Generic[T]):
                 outcome = Outcome(error=error)
             with self._lock:
                 self._outcome = outcome
+            self._on_done()

@@ -22,15 +22,26 @@ failed cycle were not recorded.
 
 Durations use the monotonic clock (``monotonic=``); a wall clock that moves unlike it
 between two cycles (an NTP step, a manual change) is one WARNING with the jump.
+
+**Idle costs nothing.** Between cycles the daemon blocks on its events, not on a tick:
+a new file (inotify), a finished registry poll or upload (its background thread), an
+operator command (its doorbell file, :mod:`loop.control.runcontrol`) and SIGTERM/SIGHUP
+wake it at once; otherwise it sleeps until the nearest timer: the heartbeat, the step's
+timers (registry poll, job status polls while jobs are in flight, a retry or timed
+decision coming due: :meth:`~states.step.Step.next_cycle_in`), the degraded retry and
+the systemd watchdog ping. The heartbeat cycle is also the safety net of every timer.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import signal
 import socket
 import sqlite3
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,7 +59,7 @@ from loop.config import (
 )
 from loop.control.notify import Notifier, describe
 from loop.errors import CalloopError, ConfigError, DaemonError
-from loop.fsutil import atomic_write_json, error_path, free_space, storage_error_in
+from loop.fsutil import error_path, free_space, storage_error_in
 from loop.locks import FileLock, LockTimeout
 from loop.logs import get_logger
 from loop.registry import RegistryClient
@@ -118,6 +129,25 @@ class Degraded:
 def status_path(loop_config: LoopConfig, calibration: str, step: str) -> Path:
     """Where a daemon publishes its heartbeat and status."""
     return loop_config.work_dir / calibration / f"{step}.status.json"
+
+
+def publish_status(path: Path, status: dict[str, Any]) -> None:
+    """Replace the status file atomically, WITHOUT fsync: a reader (``calloop status``,
+    operators, monitoring) sees the old file or the complete new one, because the rename
+    is atomic; durability across a power cut is not needed, because a lost heartbeat is
+    rewritten within ``poll.heartbeat_s`` of the restart. The fsync of the file and of
+    its directory every heartbeat was most of an idle daemon's cost. The temporary name
+    (dot prefix, ``.tmp`` suffix) is one that watchers and globs ignore."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(status, fh, indent=2, sort_keys=True, default=str)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def build_step(
@@ -190,6 +220,7 @@ class Daemon:
         self.reload_requested = False
         self.degraded: Degraded | None = None
         self._next_heartbeat = 0.0
+        self._published: dict[str, Any] | None = None  # the status last written, sans beat
         self._last_clocks: tuple[float, float] | None = None  # (wall, monotonic) of last cycle
         self.started = clock()
 
@@ -322,32 +353,41 @@ class Daemon:
         self.log.info("configuration reloaded", changed=changed, config_sha256=self.config_sha256)
 
     def _heartbeat(self, now: float, state: str | None = None) -> None:
-        """Publish the status; ``state`` defaults to running, or degraded with the reason."""
+        """Publish the status; ``state`` defaults to running, or degraded with the reason.
+
+        A status like the one last published only has its file's modification time set
+        to ``now`` (``calloop status`` reads the beat from both: see
+        :func:`loop.commands.daemon_cmd.beat_time`): one metadata update, no
+        new file, no rename that wakes the watchers of the calibration's directory. The
+        degraded wait always rewrites the file: that write is its test of the disk."""
         self._next_heartbeat = now + self.loop_config.poll.heartbeat_s
         status = self.step.status() if self.step is not None else {}
         if self.degraded is not None:
             status["degraded_reason"] = self.degraded.failure.reason()
             status["degraded_since"] = self.degraded.since
+        document = {
+            "calibration": self.calibration.name,
+            "step": self.step_name,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": self.started,
+            "state": state or ("running" if self.degraded is None else "degraded"),
+            "config": {
+                "calibration_file": str(self.cal_path),
+                "config_sha256": self.config_sha256,
+                "loop_file": str(self.loop_config_path or ""),
+            },
+            **status,
+        }
         path = status_path(self.loop_config, self.calibration.name, self.step_name)
         try:
-            atomic_write_json(
-                path,
-                {
-                    "calibration": self.calibration.name,
-                    "step": self.step_name,
-                    "pid": os.getpid(),
-                    "host": socket.gethostname(),
-                    "started": self.started,
-                    "heartbeat": now,
-                    "state": state or ("running" if self.degraded is None else "degraded"),
-                    "config": {
-                        "calibration_file": str(self.cal_path),
-                        "config_sha256": self.config_sha256,
-                        "loop_file": str(self.loop_config_path or ""),
-                    },
-                    **status,
-                },
-            )
+            if self.degraded is None and document == self._published:
+                with contextlib.suppress(FileNotFoundError):  # deleted: written again below
+                    os.utime(path, (now, now))
+                    return
+            self._published = None  # until the new one is in place
+            publish_status(path, {**document, "heartbeat": now})
+            self._published = document
         except OSError as exc:
             if exc.filename is not None:
                 raise
@@ -428,8 +468,10 @@ class Daemon:
             self.step.watcher.wake.set()
 
     def request_reload(self, _signum: int = 0, _frame: FrameType | None = None) -> None:
-        """Signal handler: reload the calibration at the next cycle."""
+        """Signal handler: reload the calibration at the next cycle (now)."""
         self.reload_requested = True
+        if self.step is not None:
+            self.step.watcher.wake.set()
 
     def run_forever(self) -> int:
         """Run until SIGTERM/SIGINT; returns the exit code."""
@@ -444,22 +486,32 @@ class Daemon:
             raise
         assert self.step is not None
         notifier.ready(describe(self))
-        tick = self.loop_config.poll.tick_s
         try:
             while not self.stop_requested:
                 self.loop(self.clock())
                 notifier.alive(lambda: describe(self))  # a hung cycle starves the watchdog
-                self._pause(tick)
+                self.pause(notifier.next_ping_in())
         finally:
             notifier.stopping()
             self.shutdown()
         return 0
 
-    def _pause(self, tick: float) -> None:
-        """Wait for the next cycle: new files wake the loop at once, except in the
-        degraded wait, where they wait for the retry (SIGTERM still wakes it)."""
+    def next_cycle_in(self, now: float) -> float:
+        """Seconds until the next cycle is due when no event comes: the heartbeat, or
+        the step's nearest timer; in the degraded wait, the retry."""
+        assert self.step is not None
+        if self.degraded is not None:
+            return max(0.0, self.degraded.retry_at - self.monotonic())
+        # capped at heartbeat_s: a wall clock stepped back must not stop the heartbeat
+        heartbeat = min(self._next_heartbeat - now, self.loop_config.poll.heartbeat_s)
+        return max(0.0, min(heartbeat, self.step.next_cycle_in(now)))
+
+    def pause(self, ping_in: float = math.inf) -> None:
+        """Block until the next cycle (see the module docstring): an event wakes the
+        loop at once, except in the degraded wait, where file events wait for the retry
+        (SIGTERM and SIGHUP still wake it); ``ping_in`` is the watchdog's deadline."""
         assert self.step is not None
         wake = self.step.watcher.wake
         if self.degraded is not None:
             wake.clear()  # else a file event left set would spin the loop until the retry
-        wake.wait(tick)
+        wake.wait(min(self.next_cycle_in(self.clock()), ping_in))

@@ -536,6 +536,18 @@ class Journal:
         ).fetchone()
         return int(row[0])
 
+    def job_timers(self) -> tuple[bool, float | None]:
+        """What the daemon's sleep depends on: whether a job is in flight (its status
+        must be polled) and the earliest next attempt of a job waiting to be submitted
+        (None: no job waits). One indexed query."""
+        in_flight, waiting = ",".join("?" * len(IN_FLIGHT_STATES)), "?,?"
+        row = self._db.execute(
+            f"SELECT EXISTS(SELECT 1 FROM jobs WHERE state IN ({in_flight})), "
+            f"(SELECT MIN(next_attempt) FROM jobs WHERE state IN ({waiting}))",
+            (*IN_FLIGHT_STATES, JobPhase.PENDING, JobPhase.RETRY),
+        ).fetchone()
+        return bool(row[0]), None if row[1] is None else float(row[1])
+
     def job_counts(self, run: int | None = None) -> dict[str, int]:
         """Number of jobs per state (of one run, or all)."""
         query = "SELECT state, COUNT(*) FROM jobs"

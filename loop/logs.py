@@ -489,6 +489,10 @@ def setup_logging(
         root.addHandler(_tagged(all_handler))
         for name in LEVEL_FILES:
             handler = _limited(DiskSafeFileHandler(directory / f"{step}_{name}.log"))
+            # DEBUG is dropped before the filters run: it costs the two files that keep
+            # it (_ALL, jsonl), not six handlers. INFO still reaches every level file, so
+            # that a state change brings the summaries of ended repeats (RepeatFilter)
+            handler.setLevel(logging.INFO)
             handler.addFilter(ExactLevelFilter(logging.getLevelName(name)))
             handler.setFormatter(_formatter(render_line, context, brief))
             root.addHandler(_tagged(handler))

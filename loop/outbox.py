@@ -65,6 +65,7 @@ class Outbox:
         backoff_s: float = 2.0,
         credentials: Callable[[], Hashable] = lambda: None,
         monotonic: Callable[[], float] = time.monotonic,
+        on_done: Callable[[], None] = lambda: None,
     ) -> None:
         self.journal = journal
         self._connect = connect
@@ -75,7 +76,9 @@ class Outbox:
         self.backoff_s = backoff_s
         self._conditions: Conditions | None = None
         self._tag_ready = False
-        self._call: BackgroundCall[UploadResult] = BackgroundCall(f"upload-{calibration().name}")
+        self._call: BackgroundCall[UploadResult] = BackgroundCall(
+            f"upload-{calibration().name}", on_done=on_done
+        )
         self._in_flight: UploadRow | None = None
         self._seen_credentials: Hashable = credentials()
         self._auth_reported_at: float | None = None
@@ -111,6 +114,17 @@ class Outbox:
             name = self._calibration().name
             self._in_flight = due
             self._call.start(lambda: self._send(due, name))
+
+    def next_attempt_in(self, now: float) -> float | None:
+        """Seconds until a pending upload should be tried (None: no upload waits, or
+        one is in flight, whose end ``on_done`` announces); at least a second, so an
+        upload held back behind its tag's head is not asked for in a busy loop."""
+        if self._call.busy:
+            return None
+        rows = self.journal.uploads(states=(PENDING,))
+        if not rows:
+            return None
+        return max(1.0, min(row.next_attempt for row in rows) - now)
 
     # ------------------------------------------------------------------- choosing
 

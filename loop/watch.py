@@ -2,14 +2,16 @@
 filesystems (EOS, NFS) where inotify sees nothing.
 
 The watcher only queues paths; the daemon drains the queue each cycle, so a cycle's
-work is proportional to what arrived, never to everything seen so far.
+work is proportional to what arrived, never to everything seen so far. Every accepted
+path, and every *doorbell* (a file another process replaces to wake the daemon: an
+operator command waits), sets :attr:`FileWatcher.wake`, on which the idle daemon blocks.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 from watchdog.events import (
@@ -27,15 +29,22 @@ from loop.fsutil import is_temporary
 
 class _Handler(FileSystemEventHandler):
     def __init__(
-        self, accept: Callable[[Path], bool], sink: queue.SimpleQueue[Path], wake: threading.Event
+        self,
+        accept: Callable[[Path], bool],
+        sink: queue.SimpleQueue[Path],
+        wake: threading.Event,
+        doorbells: frozenset[Path],
     ) -> None:
         self.accept = accept
         self.sink = sink
         self.wake = wake
+        self.doorbells = doorbells
 
     def _offer(self, raw: str | bytes) -> None:
         path = Path(raw.decode() if isinstance(raw, bytes) else raw)
-        if not is_temporary(path) and self.accept(path):
+        if path in self.doorbells:
+            self.wake.set()
+        elif not is_temporary(path) and self.accept(path):
             self.sink.put(path)
             self.wake.set()
 
@@ -49,7 +58,8 @@ class _Handler(FileSystemEventHandler):
 
 
 class FileWatcher:
-    """Watch ``roots`` recursively for files that ``accept`` likes."""
+    """Watch ``roots`` recursively for files that ``accept`` likes, and the
+    ``doorbells`` (their directories, not recursively, unless under a root)."""
 
     def __init__(
         self,
@@ -58,9 +68,11 @@ class FileWatcher:
         *,
         polling: bool = False,
         polling_interval_s: float = 1.0,
+        doorbells: Collection[Path] = (),
     ) -> None:
         self.roots = roots
         self.accept = accept
+        self.doorbells = frozenset(doorbells)
         self.wake = threading.Event()
         self._queue: queue.SimpleQueue[Path] = queue.SimpleQueue()
         self.polling = polling
@@ -84,12 +96,15 @@ class FileWatcher:
 
     def start(self) -> None:
         """Begin watching (roots are created if missing)."""
-        handler = _Handler(self.accept, self._queue, self.wake)
+        handler = _Handler(self.accept, self._queue, self.wake, self.doorbells)
+        events = [FileCreatedEvent, FileMovedEvent]
         for root in self.roots:
             root.mkdir(parents=True, exist_ok=True)
-            self._observer.schedule(
-                handler, str(root), recursive=True, event_filter=[FileCreatedEvent, FileMovedEvent]
-            )
+            self._observer.schedule(handler, str(root), recursive=True, event_filter=events)
+        for directory in sorted({bell.parent for bell in self.doorbells}):
+            if not any(directory.is_relative_to(root) for root in self.roots):
+                directory.mkdir(parents=True, exist_ok=True)
+                self._observer.schedule(handler, str(directory), event_filter=events)
         self._observer.start()
 
     def stop(self) -> None:

@@ -10,6 +10,7 @@ missing, so a deleted witness never fails a run.
 from __future__ import annotations
 
 import json
+import math
 import socket
 import sys
 import time
@@ -23,7 +24,7 @@ import structlog
 
 from loop.batching import plan_batches
 from loop.config import CalibrationConfig, LoopConfig
-from loop.control.runcontrol import DONE, REFUSED, Command, CommandQueue
+from loop.control.runcontrol import DONE, REFUSED, Command, CommandQueue, doorbell_path
 from loop.errors import CalloopError
 from loop.fsutil import storage_error_in
 from loop.jobconfig import freeze
@@ -84,6 +85,8 @@ class Step:
         self.order = trigger_order(self.model_class.TRANSITIONS)
         self.models: dict[int, RunModel] = {}
         self._marks: dict[Hashable, float] = {}
+        self._wake_at = math.inf  # monotonic: the nearest timed decision (wake_in)
+        self._commands_seen: int | None = None  # the journal's data_version last checked
         self.jobs = JobManager(
             self.journal, ctx.backend, self._job_policy(), self.on_job_success, self.log
         )
@@ -93,6 +96,7 @@ class Step:
             self.accept,
             polling=poll.observer == "polling",
             polling_interval_s=poll.polling_interval_s,
+            doorbells=[doorbell_path(self.journal.path)],
         )
 
     @property
@@ -129,6 +133,34 @@ class Step:
     def start_wait(self, key: Hashable) -> None:
         """(Re)start the wait of ``key`` now (something happened)."""
         self._marks[key] = self.ctx.monotonic()
+
+    # ------------------------------------------------------------------- timers
+
+    def wake_in(self, seconds: float) -> None:
+        """Ask for a cycle ``seconds`` from now: a decision that depends on time alone
+        (a wait for inputs, a grace period, a cadence) comes due then, and no event
+        announces it. Called while the cycle evaluates its conditions."""
+        self._wake_at = min(self._wake_at, self.ctx.monotonic() + max(seconds, 0.0))
+
+    def next_cycle_in(self, now: float) -> float:
+        """Seconds until this step needs a cycle that no event announces (``inf``:
+        none; the daemon then sleeps until an event or its heartbeat): polling the jobs
+        in flight every ``poll.tick_s`` (nothing tells the daemon that a job ended), a
+        job's retry coming due, a timed decision (:meth:`wake_in`), the step's own
+        timers (:meth:`timers`: the registry poll, the outbox's retries)."""
+        tick = self.ctx.loop_config.poll.tick_s
+        delays = [self._wake_at - self.ctx.monotonic(), *self.timers(now)]
+        in_flight, next_attempt = self.journal.job_timers()
+        if in_flight:
+            delays.append(tick)
+        if next_attempt is not None:
+            # at least a tick: a job due now that found no room waits for one in flight
+            delays.append(max(next_attempt - now, tick))
+        return max(0.0, min(delays))
+
+    def timers(self, now: float) -> list[float]:
+        """Seconds until each of the step's own timers is due (default: none)."""
+        return []
 
     # ------------------------------------------------------------------- paths
 
@@ -181,6 +213,7 @@ class Step:
 
     def tick(self, now: float) -> None:
         """One daemon cycle: new inputs, external polls, jobs, then every run's FSM."""
+        self._wake_at = math.inf  # the conditions evaluated below ask again
         if not self.watcher.alive:
             self.log.error("file watcher died; restarting it and rescanning active runs")
             self.watcher.restart()
@@ -206,7 +239,16 @@ class Step:
     # ---------------------------------------------------------- operator commands
 
     def apply_commands(self) -> None:
-        """Apply and acknowledge the operator commands queued for this step."""
+        """Apply and acknowledge the operator commands queued for this step. The queue is
+        read only when the journal changed since the last complete pass (SQLite's
+        ``data_version``: one cheap pragma per cycle, no query while idle)."""
+        version = self.commands.data_version()  # before reading: a later commit is news
+        if version == self._commands_seen:
+            return
+        self._apply_pending()
+        self._commands_seen = version  # not before: a pass the disk broke off is redone
+
+    def _apply_pending(self) -> None:
         for command in self.commands.pending():
             try:
                 result = self._apply(command)
@@ -310,9 +352,12 @@ class Step:
     def facts(self, run: int, now: float) -> Facts:
         """The batching facts of a run (subclasses add ``ended`` and ``selected``)."""
         pending = self.journal.pending_inputs(run)
+        oldest_wait_s = now - min(seen for _, seen in pending) if pending else 0.0
+        if pending and oldest_wait_s < self.max_wait_s():
+            self.wake_in(self.max_wait_s() - oldest_wait_s)  # a short batch comes due then
         return Facts(
             pending=len(pending),
-            oldest_wait_s=now - min(seen for _, seen in pending) if pending else 0.0,
+            oldest_wait_s=oldest_wait_s,
             jobs_open=self.journal.open_jobs(run),
             unjobbed=len(self.journal.batches_without_job(run)),
             min_batch=self.batch_sizes()[0],

@@ -176,7 +176,9 @@ class Step2(Step):
         self.registry = registry
         self._next_poll = 0.0
         self._registry_down = False
-        self._poll: BackgroundCall[Listing[RunInfo]] = BackgroundCall("registry-poll")
+        self._poll: BackgroundCall[Listing[RunInfo]] = BackgroundCall(
+            "registry-poll", on_done=self.watcher.wake.set
+        )
         self._bad_records: set[tuple[str, str]] = set()  # (run, field) already reported
         self.registry_health = ServiceHealth()
         self._warned: set[Path] = set()  # non-canonical names already reported
@@ -278,6 +280,10 @@ class Step2(Step):
             since = datetime.fromtimestamp(self._poll_window_start(now)).astimezone()
             self._poll.start(lambda: self.registry.runs(since))
 
+    def timers(self, now: float) -> list[float]:
+        """The next registry poll (none while one is in flight: its end wakes the loop)."""
+        return [] if self._poll.busy else [self._next_poll - now]
+
     def _poll_window_start(self, now: float) -> float:
         """The look-back window's start, widened to every open run's start: a run
         being processed is never dropped from the poll (after a wall-clock jump)."""
@@ -368,6 +374,7 @@ class Step2(Step):
         first = self.journal.first_seen(run) or now
         waited = self.held_for(("unlisted", run))
         if now - first <= lookback_s or waited <= lookback_s:
+            self.wake_in(max(first + lookback_s - now, lookback_s - waited))
             return None, "waiting for the registry to list the run"
         return False, (
             "the registry never listed the run within the look-back window "
@@ -388,6 +395,7 @@ class Step2(Step):
             return True  # every LS number 1..last seen (names are canonical: one per LS)
         waited = self.held_for(("ended", run))
         if waited < self.calibration.step2.max_wait_s:
+            self.wake_in(self.calibration.step2.max_wait_s - waited)
             return False
         if record.missing_ls is None:
             missing = self.missing_ls(run, record.last_ls)
@@ -406,10 +414,14 @@ class Step2(Step):
         arrived for ``max_wait_s`` (monotonic): a wall-clock jump alone never closes a
         run that still receives LS."""
         lookback_s = self.ctx.loop_config.lookback_hours * 3600
-        if record.start_time is None or now - record.start_time <= lookback_s:
+        if record.start_time is None:
+            return False
+        if now - record.start_time <= lookback_s:
+            self.wake_in(record.start_time + lookback_s - now)
             return False
         quiet = self.held_for(("quiet", run))
         if quiet < self.calibration.step2.max_wait_s:
+            self.wake_in(self.calibration.step2.max_wait_s - quiet)
             return False
         if not record.lookback_closed:
             self.journal.update_info(run, lookback_closed=True)

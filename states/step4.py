@@ -285,6 +285,7 @@ class Step4(FollowsUpstream):
             backoff_s=ctx.loop_config.jobs.retry_backoff_s,
             credentials=self._token_stamp,
             monotonic=ctx.monotonic,
+            on_done=self.watcher.wake.set,
         )
 
     def _token_stamp(self) -> tuple[int, int] | None:
@@ -309,7 +310,10 @@ class Step4(FollowsUpstream):
         base = super().facts(run, now)
         record = self.journal.info(run)
         succeeded = {j.batch for j in self.journal.jobs(run=run, states=(JobPhase.SUCCEEDED,))}
-        interval_ok = now - record.last_harvest_at >= self.calibration.step4.min_interval_s
+        since_harvest = now - record.last_harvest_at
+        interval_ok = since_harvest >= self.calibration.step4.min_interval_s
+        if not interval_ok and base.pending:
+            self.wake_in(self.calibration.step4.min_interval_s - since_harvest)
         return replace(
             base,
             harvests=self.journal.batch_count(run),
@@ -519,6 +523,12 @@ class Step4(FollowsUpstream):
 
     def after_tick(self, now: float) -> None:
         self.outbox.flush(now)
+
+    def timers(self, now: float) -> list[float]:
+        """The outbox's next retry (none while an upload is in flight: its end wakes
+        the loop)."""
+        due = self.outbox.next_attempt_in(now)
+        return [] if due is None else [due]
 
     def status(self) -> dict[str, Any]:
         return {

@@ -102,8 +102,19 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def beat_time(path: Path, status: dict[str, Any]) -> float:
+    """When the daemon of a status file last beat: its ``heartbeat`` field, or the
+    file's modification time when later (an unchanged status is only touched)."""
+    beat = float(status.get("heartbeat", 0))
+    with contextlib.suppress(OSError):
+        beat = max(beat, path.stat().st_mtime)
+    return beat
+
+
 def collect_status(loop_config: LoopConfig) -> list[dict[str, Any]]:
-    """Every daemon's status file under the work directory, with heartbeat age."""
+    """Every daemon's status file under the work directory, with heartbeat age (an
+    idle daemon whose status did not change only touches its file: the beat is the
+    later of the ``heartbeat`` field and the file's modification time)."""
     now = time.time()
     rows = []
     for path in sorted(loop_config.work_dir.glob("*/step*.status.json")):
@@ -111,6 +122,7 @@ def collect_status(loop_config: LoopConfig) -> list[dict[str, Any]]:
             status = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
+        status["heartbeat"] = beat_time(path, status)
         status["heartbeat_age_s"] = round(now - float(status.get("heartbeat", 0)), 1)
         live = status.get("state") in LIVE_STATES
         status["alive"] = live and _alive(int(status.get("pid", 0)))

@@ -4,7 +4,8 @@ socket). Without the variable (tmux, tests) every call is a no-op.
 
 A daemon run by ``Type=notify`` units sends ``READY=1`` once it has restored its runs
 and is watching, ``WATCHDOG=1`` after each completed cycle (a hung cycle stops the pings
-and systemd restarts the daemon after ``WatchdogSec=``), a short ``STATUS=`` line for
+and systemd restarts the daemon after ``WatchdogSec=``; an idle daemon wakes for a cycle
+when a ping is due, :meth:`Notifier.next_ping_in`), a short ``STATUS=`` line for
 ``systemctl status``, and ``STOPPING=1`` when it shuts down. A notification that cannot
 be delivered never stops the daemon: it is one WARNING until delivery works again.
 """
@@ -123,6 +124,14 @@ class Notifier:
             assignments.append(_status(describe()))
         if assignments:
             self.send(*assignments)
+
+    def next_ping_in(self) -> float:
+        """Seconds until the next ``WATCHDOG=1`` is due (``inf`` without a watchdog): an
+        idle daemon sleeps between cycles, and must wake for the ping (see
+        :meth:`loop.daemon.Daemon.next_cycle_in`)."""
+        if self.address is None or self.watchdog_s is None:
+            return float("inf")
+        return max(0.0, self._next_ping - self.monotonic())
 
     def stopping(self) -> None:
         """Shutdown has begun (systemd then waits TimeoutStopSec= for the exit)."""

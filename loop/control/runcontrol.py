@@ -1,8 +1,11 @@
 """Operator commands on runs (``calloop runs retry|skip``), queued where the daemon that
 must act will find them: a ``commands`` table in that step's journal database.
 
-The CLI writes a command with who, when and why; the daemon applies pending commands at
-the start of a cycle and acknowledges each one (``done`` or ``refused``, with what it
+The CLI writes a command with who, when and why, then rings the step's doorbell (a
+file beside the journal, replaced by a rename: its watcher wakes the daemon at once,
+which otherwise sleeps while idle); the daemon applies pending commands at the start of
+a cycle, reading the table only when the database changed (``data_version``), and
+acknowledges each one (``done`` or ``refused``, with what it
 did or why not). Asking again while the same command is pending returns the pending
 one, so a command is idempotent; with the daemon stopped it simply waits for the next
 start. The table is the audit trail: nothing is ever deleted from it.
@@ -10,12 +13,15 @@ start. The table is the audit trail: nothing is ever deleted from it.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import socket
 import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from loop.fsutil import atomic_write_text
 
 ACTIONS = ("retry", "skip")
 PENDING, DONE, REFUSED = "pending", "done", "refused"
@@ -28,6 +34,12 @@ CREATE TABLE IF NOT EXISTS commands (
     result TEXT NOT NULL DEFAULT '', settled REAL);
 CREATE INDEX IF NOT EXISTS commands_by_state ON commands (state, id);
 """
+
+
+def doorbell_path(journal_path: Path) -> Path:
+    """The file whose replacement tells the daemon of ``journal_path`` that a command
+    waits (``step2.journal.sqlite`` -> ``step2.journal.commands``)."""
+    return journal_path.with_suffix(".commands")
 
 
 @dataclass(frozen=True)
@@ -83,7 +95,22 @@ class CommandQueue:
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
             raise
-        return _command(row)
+        command = _command(row)
+        self.ring(command.id)
+        return command
+
+    def ring(self, command_id: int) -> None:
+        """Wake the daemon: replace its doorbell file (a rename, which its watcher sees
+        as a file moved into place). Without a running daemon, the file just stays. A
+        doorbell that cannot be written only delays the answer: the daemon reads the
+        queue at its next timed cycle anyway (at most ``poll.heartbeat_s`` later)."""
+        with contextlib.suppress(OSError):
+            atomic_write_text(doorbell_path(self.path), f"{command_id}\n")
+
+    def data_version(self) -> int:
+        """SQLite's ``data_version`` of this connection: it changes whenever another
+        connection (the CLI, or the daemon's journal) committed to the database."""
+        return int(self._db.execute("PRAGMA data_version").fetchone()[0])
 
     def pending(self) -> list[Command]:
         """Commands not yet applied, oldest first."""

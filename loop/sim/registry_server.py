@@ -7,11 +7,20 @@ real: ``refuse`` closes the listening socket (connection refused), ``timeout`` h
 request open, ``http_error`` answers with the configured status, ``malformed`` sends
 truncated JSON and ``bad_schema`` sends valid JSON of the wrong shape. Faults aimed at
 the conditions DB are not the registry's and are ignored here.
+
+Connections are HTTP/1.1 keep-alive (every reply has a Content-Length), as a real
+registry's are: a daemon polls over one connection instead of opening one per poll. An
+idle connection is closed after :data:`KEEP_ALIVE_S`, and closing the server (a
+``refuse`` window, stop) closes the open ones too, so a refused registry refuses the
+clients that were connected as well.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
+import threading
 import time
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -34,6 +43,7 @@ OPERATORS = {
 }
 MAX_HANG_S = 30.0
 DEFAULT_LIMIT = 100
+KEEP_ALIVE_S = 300.0  # longer than any poll interval: an idle daemon keeps its connection
 
 
 class QueryError(ValueError):
@@ -102,9 +112,11 @@ def _resources(kind: str, items: list[dict[str, Any]], id_key: str) -> list[dict
 
 
 class RegistryHandler(BaseHTTPRequestHandler):
-    """Answers one request from the state the server holds."""
+    """Answers the requests of one connection from the state the server holds."""
 
     server: RegistryHTTPServer
+    protocol_version = "HTTP/1.1"  # keep-alive: replies carry Content-Length
+    timeout = KEEP_ALIVE_S  # an idle keep-alive connection ends after this
 
     def do_GET(self) -> None:
         state = self.server.cache.get()
@@ -165,14 +177,39 @@ class RegistryHandler(BaseHTTPRequestHandler):
 
 
 class RegistryHTTPServer(ThreadingHTTPServer):
-    """ThreadingHTTPServer that carries the state cache."""
+    """ThreadingHTTPServer that carries the state cache and closes its open
+    connections when it closes."""
 
     daemon_threads = True
     allow_reuse_address = True
 
     def __init__(self, address: tuple[str, int], cache: StateFileCache) -> None:
         self.cache = cache
+        self._connections: set[socket.socket] = set()
+        self._connections_lock = threading.Lock()
+        self.accepted = 0  # connections accepted: keep-alive clients open one
         super().__init__(address, RegistryHandler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._connections_lock:
+            self._connections.add(request)
+            self.accepted += 1
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._connections_lock:
+            self._connections.discard(request)
+        super().shutdown_request(request)
+
+    def server_close(self) -> None:
+        """Stop listening and end every open connection (its handler thread then
+        finishes): a refused or stopped registry answers nobody."""
+        super().server_close()
+        with self._connections_lock:
+            connections = list(self._connections)
+        for connection in connections:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
 
 
 class RegistryServer(FaultServer):
