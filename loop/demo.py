@@ -114,6 +114,9 @@ class ProcessGroup:
     """Child processes of the demo, each with its output in a log file."""
 
     log_dir: Path
+    # the children's working directory: ``python -m`` puts it first on sys.path, so a
+    # source checkout there would shadow the calloop under test (None: inherit)
+    cwd: Path | None = None
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     _files: list[IO[bytes]] = field(default_factory=list)
 
@@ -127,6 +130,7 @@ class ProcessGroup:
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            cwd=self.cwd,
         )
         self.procs[name] = proc
         return proc
@@ -416,20 +420,61 @@ def format_table(rows: list[RunSummary]) -> str:
     return "\n".join(lines)
 
 
-def run_demo(
+@dataclass
+class LoopSession:
+    """A whole loop started by :func:`start_loop`: registry, daemons and player running."""
+
+    scenario: Scenario
+    loop_config: LoopConfig
+    calibrations: dict[str, CalibrationConfig]
+    database_url: str  # the conditions DB itself (step 4 may upload through a proxy)
+    group: ProcessGroup
+    player: subprocess.Popen[bytes]
+
+    def complete(self) -> bool:
+        """The player finished and every run reached its final state in every step."""
+        return self.player.poll() is not None and is_complete(
+            self.loop_config, self.scenario, list(self.calibrations)
+        )
+
+    def wait(self, deadline: float, poll_s: float = 0.25) -> bool:
+        """Wait until :meth:`complete` or the monotonic ``deadline``; True if complete."""
+        while time.monotonic() < deadline:
+            if self.complete():
+                return True
+            time.sleep(poll_s)
+        return is_complete(self.loop_config, self.scenario, list(self.calibrations))
+
+    def stop(self) -> bool:
+        """Stop every process (SIGTERM); True if every daemon and server exited 0."""
+        codes = self.group.stop_all()
+        return all(code == 0 for name, code in codes.items() if name != "player")
+
+    def summarize(self) -> list[RunSummary]:
+        """Per run and calibration, the results compared with the truth (after stop)."""
+        return summarize(self.loop_config, self.scenario, self.calibrations, self.database_url)
+
+
+def start_loop(
     root: Path,
     scenario_path: Path,
     *,
-    speed: float = 50.0,
-    timeout_s: float = 110.0,
+    speed: float,
     backend: str = "local",
-) -> tuple[list[RunSummary], bool, float]:
-    """Run everything; returns (rows, all ok, seconds). Processes are always stopped."""
-    started = time.monotonic()
+    calibrations_from: Path = REPO_CONFIG / "calibrations",
+) -> LoopSession:
+    """A fresh loop under ``root`` playing ``scenario_path`` at ``speed``: the registry,
+    the conditions DB service behind the fault proxy if the scenario has conditions-DB
+    faults, the three daemons of every calibration in ``calibrations_from`` and the
+    player, each its own process with ``root`` as working directory. Processes started
+    before a failure are stopped."""
+    root, scenario_path = root.resolve(), scenario_path.resolve()
     scenario = load_scenario(scenario_path)
-    loop_yaml = write_workspace(root, backend=backend, scenario=scenario)
+    loop_yaml = write_workspace(
+        root, backend=backend, calibrations_from=calibrations_from, scenario=scenario
+    )
     database_url = load_loop_config(loop_yaml).conddb_url
-    group = ProcessGroup(root / "processes")
+    group = ProcessGroup(root / "processes", cwd=root)
     try:
         set_registry_url(loop_yaml, start_registry(group, root))
         if scenario.faults_of("conddb"):
@@ -453,14 +498,26 @@ def run_demo(
             "--raw-root",
             str(loop_config.raw_root),
         )
-        deadline = started + timeout_s
-        while time.monotonic() < deadline:
-            if player.poll() is not None and is_complete(loop_config, scenario, list(calibrations)):
-                break
-            time.sleep(0.25)
-        complete = is_complete(loop_config, scenario, list(calibrations))
+    except BaseException:
+        group.stop_all()
+        raise
+    return LoopSession(scenario, loop_config, calibrations, database_url, group, player)
+
+
+def run_demo(
+    root: Path,
+    scenario_path: Path,
+    *,
+    speed: float = 50.0,
+    timeout_s: float = 110.0,
+    backend: str = "local",
+) -> tuple[list[RunSummary], bool, float]:
+    """Run everything; returns (rows, all ok, seconds). Processes are always stopped."""
+    started = time.monotonic()
+    session = start_loop(root, scenario_path, speed=speed, backend=backend)
+    try:
+        complete = session.wait(started + timeout_s)
     finally:
-        codes = group.stop_all()
-    rows = summarize(loop_config, scenario, calibrations, database_url)
-    clean = all(code == 0 for name, code in codes.items() if name != "player")
+        clean = session.stop()
+    rows = session.summarize()
     return rows, complete and clean and all(r.ok for r in rows), time.monotonic() - started
