@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up everything the test suite needs on a fresh machine and runs it:
-#   system packages (PostgreSQL, Slurm + munge, graphviz, tmux, systemd-analyze) when root
+#   system packages (PostgreSQL, Slurm + munge, graphviz, tmux, systemd-analyze, Chromium
+#   and chromedriver, nginx) when root
 #   and missing,
 #   a virtualenv with calloop and its test extras, ruff, mypy, then pytest.
 # Extra arguments go to pytest (e.g. `bash tests/run.sh -k store -x`).
@@ -14,6 +15,9 @@ command -v munged > /dev/null || [ -x /usr/sbin/munged ] || missing+=(munge)
 command -v dot > /dev/null || missing+=(graphviz)
 command -v tmux > /dev/null || missing+=(tmux)
 command -v systemd-analyze > /dev/null || missing+=(systemd)
+command -v chromium > /dev/null || missing+=(chromium)          # the control room's
+command -v chromedriver > /dev/null || missing+=(chromium-driver)  # browser tests
+command -v nginx > /dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)  # conddb cache
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     echo "== installing system packages: ${missing[*]}"

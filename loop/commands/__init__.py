@@ -10,11 +10,13 @@ from loop.commands import (
     config_cmd,
     daemon_cmd,
     demo_cmd,
+    plot_cmd,
     runs_cmd,
     sim_cmd,
     store_cmd,
     systemd_cmd,
     tmux_cmd,
+    web_cmd,
 )
 
 COMMAND_GROUPS: list[Callable[[Any], None]] = [
@@ -27,4 +29,6 @@ COMMAND_GROUPS: list[Callable[[Any], None]] = [
     runs_cmd.register,
     systemd_cmd.register,
     tmux_cmd.register,
+    web_cmd.register,
+    plot_cmd.register,
 ]
