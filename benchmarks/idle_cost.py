@@ -16,7 +16,8 @@ its "running" status and ``--settle`` seconds have passed, ``--repeat`` windows 
 ``--window`` seconds (>= 60 for the record) are measured; idle CPU is utime + stime
 from ``/proc/<pid>/stat`` over the window (every thread of the process), memory is
 ``VmRSS`` and the proportional set size (``Pss``: shared library pages divided among
-the processes sharing them) after the last window. Printed: the median over windows of
+the processes sharing them) after the last window. A daemon counts with its descendants
+(the warm pool's fork server). Printed: the median over windows of
 the mean per process, the largest process, and after/before ratios. The target is
 <= 0.05 CPU-s per minute per daemon.
 
@@ -223,21 +224,34 @@ def wait_running(group: Group, work_dir: Path, timeout: float) -> None:
         time.sleep(0.5)
 
 
+def family(pid: int) -> list[int]:
+    """The process and its descendants (a daemon's warm-pool fork server is its cost)."""
+    pids = [pid]
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            pids.extend(family(int(child)))
+    return pids
+
+
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads), in seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # fields 14, 15 of proc(5)
+    """utime + stime of a process and its descendants (all threads), in seconds."""
+    total = 0
+    for member in family(pid):
+        fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # fields 14, 15 of proc(5)
+    return total / CLOCK_TICKS
 
 
 def memory_mb(pid: int) -> tuple[float, float]:
-    """(RSS, PSS) of a process in MB."""
+    """(RSS, PSS) of a process and its descendants in MB."""
     rss = pss = 0.0
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            rss = int(line.split()[1]) / 1024
-    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-        if line.startswith("Pss:"):
-            pss = int(line.split()[1]) / 1024
+    for member in family(pid):
+        for line in Path(f"/proc/{member}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                rss += int(line.split()[1]) / 1024
+        for line in Path(f"/proc/{member}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                pss += int(line.split()[1]) / 1024
     return rss, pss
 
 

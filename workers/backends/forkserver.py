@@ -54,7 +54,6 @@ ROOM = 8192  # bytes of padding in the server's command line: a job's ps line fi
 START_TIMEOUT_S = 60.0  # imports take about a second; on a loaded machine, some more
 REPLY_TIMEOUT_S = 10.0  # a fork and a handshake take milliseconds
 HANDSHAKE_TIMEOUT_S = 10.0
-REAP_INTERVAL_MS = 1000  # the server collects its ended children at least this often
 MAX_MESSAGE = 16 << 20  # a job's environment and argv, with room to spare
 # before numpy is imported: an OpenBLAS thread pool would make the server unsafe to fork
 SINGLE_THREADED = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -287,10 +286,18 @@ def _serve(conn: socket.socket, preload: frozenset[str]) -> None:
     home = (os.getcwd(), os.environ.get("PYTHONPATH"))
     poller = select.poll()
     poller.register(conn, select.POLLIN)
+    # an ended child wakes the server (SIGCHLD writes to this pipe): idle, it never wakes
+    children_ended, wakeup = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wakeup)
+    signal.signal(signal.SIGCHLD, lambda _signum, _frame: None)
+    poller.register(children_ended, select.POLLIN)
     while True:
-        events = poller.poll(REAP_INTERVAL_MS)
+        ready = {fd for fd, _ in poller.poll()}
+        if children_ended in ready:
+            with contextlib.suppress(BlockingIOError):
+                os.read(children_ended, 4096)
         _reap()
-        if not events:
+        if conn.fileno() not in ready:
             continue
         try:
             request, fds = recv_message(conn, max_fds=2)
@@ -368,6 +375,9 @@ def _job_child(
     never returns to the server's loop."""
     status = 1
     try:
+        # the server's SIGCHLD wake-up is not the job's: its children are its own business
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         os.setsid()
         os.chdir(request["cwd"])  # before "ready": a failure falls back to a subprocess
         os.environ.clear()
