@@ -453,6 +453,20 @@ class Journal:
                 created.append(number)
         return created
 
+    def add_empty_batch(self, run: int, *, now: float) -> int:
+        """A new final batch holding no input of its own (a step-4 rerun: its harvest
+        takes every input of the run); returns its number."""
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT COALESCE(MAX(batch), 0) FROM batches WHERE run=?", (run,)
+            ).fetchone()
+            number = int(row[0]) + 1
+            db.execute(
+                "INSERT INTO batches (run, batch, final, created) VALUES (?,?,1,?)",
+                (run, number, now),
+            )
+        return number
+
     def batches_without_job(self, run: int) -> list[int]:
         """Batches whose job was not created yet.
 

@@ -42,6 +42,7 @@ class RunRecord:
     last_config_sha256: str | None = None  # its frozen configuration
     accepted_harvest: int | None = None  # the newest harvest that passed validation
     accepted_version: str | None = None
+    chain_start: int = 0  # a rerun's harvest starts a new chain at this batch (0: none)
     # every step: why the run was quarantined in Failed (step, state, exception, message)
     failure: dict[str, str] | None = None
 

@@ -279,6 +279,8 @@ class Step:
     def _apply(self, command: Command) -> str:
         if command.action == "skip":
             return self._skip(command.run, command.reason)
+        if command.action == "rerun":
+            return self.rerun(command.run)
         if command.batch is not None:
             return self._retry_batch(command.run, command.batch)
         return self._retry_run(command.run)
@@ -292,10 +294,19 @@ class Step:
             raise CommandRefused(f"run {run} is {state or 'unknown'} in {self.name}, not Failed")
         self.journal.update_info(run, failure=None)
         requeued = self._requeue_given_up(run)
+        initial = self.restart_run(run)
+        return f"run {run} back in {initial}; {requeued} given-up batch(es) queued again"
+
+    def rerun(self, run: int) -> str:
+        """Recalibrate a finished run: only step 4 harvests (see :class:`Step4`)."""
+        raise CommandRefused(f"a rerun is applied by step 4, not by {self.name}")
+
+    def restart_run(self, run: int) -> str:
+        """Put a run back in the initial state, active (the journal keeps what is done)."""
         initial = self.model_class.INITIAL.name
         self.journal.set_state(run, initial, active=True)
         self._add_model(run, initial)
-        return f"run {run} back in {initial}; {requeued} given-up batch(es) queued again"
+        return initial
 
     def _retry_batch(self, run: int, batch: int) -> str:
         job = self.journal.job(run, batch)

@@ -51,6 +51,7 @@ from loop import __version__
 from loop.conddb.client import Conditions
 from loop.conddb.rules import lumi_since
 from loop.config import CalibrationConfig
+from loop.control.runcontrol import rerun_refusal
 from loop.errors import StoreError
 from loop.fsutil import atomic_write_json
 from loop.jobconfig import FROZEN_CONFIG, load_frozen
@@ -59,7 +60,7 @@ from loop.manifest import Manifest, ManifestError
 from loop.outbox import Outbox
 from loop.store import CalibStore, Validity
 from states.machine import Facts, RunModel, Transition
-from states.step import StepContext
+from states.step import CommandRefused, StepContext
 from states.upstream import FollowsUpstream
 from workers.algorithms import Payload, validate
 from workers.harvest import PAYLOAD, STATE, SUMMARY
@@ -331,8 +332,14 @@ class Step4(FollowsUpstream):
     # --------------------------------------------------------------- harvest jobs
 
     def _previous_harvest(self, run: int, batch: int) -> JobRow | None:
+        """The newest succeeded harvest before ``batch`` in its chain (a rerun starts a
+        new chain: it merges nothing of the harvests before it)."""
+        chain = self.journal.info(run).chain_start
+        start = chain if batch >= chain else 0
         previous = [
-            j for j in self.journal.jobs(run=run, states=(JobPhase.SUCCEEDED,)) if j.batch < batch
+            j
+            for j in self.journal.jobs(run=run, states=(JobPhase.SUCCEEDED,))
+            if start <= j.batch < batch
         ]
         return previous[-1] if previous else None
 
@@ -352,6 +359,27 @@ class Step4(FollowsUpstream):
         if previous and self.external_command() is None:
             argv += ["--previous-state", str(previous.job_dir / "out" / STATE)]
         return argv
+
+    def rerun(self, run: int) -> str:
+        """Recalibrate a finished run: a new harvest of every ALCA output of the run
+        (no earlier harvest merged in) with the configuration as it is now, then
+        validated, stored and uploaded as any harvest, and the run finishes again. The
+        earlier versions and uploads stay; the new version supersedes them as the run's
+        payload (or is Rejected, stored retired, when it fails validation)."""
+        why = rerun_refusal(self.journal.run_state(run))
+        if why is not None:
+            raise CommandRefused(f"run {run}: {why}")
+        batch = self.journal.add_empty_batch(run, now=self.clock())
+        self.journal.update_info(
+            run,
+            chain_start=batch,
+            accepted_harvest=None,
+            accepted_version=None,
+            last_problems=[],
+            last_harvest_at=0.0,
+        )
+        initial = self.restart_run(run)
+        return f"run {run} back in {initial}: harvest {batch} of every input of the run"
 
     def create_jobs(self, run: int) -> list[int]:
         """Create the harvest job and start the cadence clock."""

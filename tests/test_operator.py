@@ -165,3 +165,51 @@ def test_a_run_failed_while_publishing_is_published_on_retry(
         assert (summary["outcome"], summary["upload"]) == ("accepted", "done")
     finally:
         h.stop()
+
+
+def test_a_finished_run_is_recalibrated_with_the_current_configuration(tmp_path: Path) -> None:
+    """``runs rerun``: step 4 harvests the finished run again from all its inputs (not
+    merged with the earlier harvests) with the edited configuration: a new version,
+    equal to the reference, uploaded; the run finishes again; a run not finished is
+    refused in one line."""
+    h = harness(tmp_path, scenario(_run(RUN_A)))
+    try:
+        daemons = [h.start(step, CAL) for step in ("step2", "step3", "step4")]
+        step4 = _step(daemons[2])
+        code, out = _cli(h, "runs", "rerun", "-c", CAL, str(RUN_A), "--reason", "x", "--wait", "0")
+        assert code != 0 and "not seen in step4" in out and "Traceback" not in out
+        h.play()
+        h.run_until(lambda: _state(daemons[2], RUN_A) == "Done", timeout=90)
+        first = step4.journal.info(RUN_A)
+        harvests = step4.journal.batch_count(RUN_A)
+
+        h.edit_calibration(CAL, {"validation": {"min_events": 60}})  # a new threshold
+        daemons[2].request_reload()
+        code, out = _cli(
+            h, "runs", "rerun", "-c", CAL, str(RUN_A), "--reason", "new thresholds", "--wait", "0"
+        )
+        assert code == 0 and "step4" in out, out
+        h.run_until(
+            lambda: _state(daemons[2], RUN_A) == "Done"
+            and step4.journal.info(RUN_A).accepted_version not in (None, first.accepted_version),
+            timeout=90,
+        )
+        again = step4.journal.info(RUN_A)
+        assert step4.journal.batch_count(RUN_A) == harvests + 1
+        assert again.last_config_sha256 != first.last_config_sha256
+        cal = calibration(h.loop_config, CAL)
+        expected, _ = reference_payload(h.loop_config.raw_root, cal, RUN_A)
+        detector = step4.store.detector(cal.detector)
+        stored = detector.get("pedestals", version=again.accepted_version)
+        np.testing.assert_allclose(stored.array, expected, rtol=1e-9)  # every input, once
+        assert stored.metadata["harvest_key"].endswith(f"harvest{harvests + 1}")
+        summary = json.loads((step4.step_dir(RUN_A) / "summary.json").read_text())
+        assert (summary["uploaded_version"], summary["upload"]) == (again.accepted_version, "done")
+
+        code, out = _cli(h, "runs", "show", "-c", CAL, str(RUN_A), "--json")
+        shown = json.loads(out)["steps"]["step4"]
+        [command] = shown["commands"]
+        assert (command["action"], command["state"]) == ("rerun", "done")
+        assert [entry["state"] for entry in shown["history"]].count("Done") == 2
+    finally:
+        h.stop()

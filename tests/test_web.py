@@ -219,6 +219,20 @@ def test_operator_pins_retires_and_queues_run_commands(room: Room) -> None:
         queue.close()
     assert (command.run, command.action) == (in_flight, "skip")
     assert command.reason == "beam test [web: shift-operator]"
+
+    # the one-click recalibration: queued in step 4 for a finished run, refused in flight
+    early = act("rerun", calibration="EcalPedestals", run=str(in_flight), reason="too early")
+    assert early.status_code == 409 and "needs it finished" in early.text
+    rerun = act("rerun", calibration="EcalPedestals", run=str(NEWEST_DONE), reason="new gains")
+    assert rerun.status_code == 200 and "rerun of run" in rerun.text and "step4" in rerun.text
+    queue = CommandQueue(room.loop_config.work_dir / "EcalPedestals" / "step4.journal.sqlite")
+    try:
+        assert [(c.run, c.action) for c in queue.pending()] == [
+            (in_flight, "skip"),
+            (NEWEST_DONE, "rerun"),
+        ]
+    finally:
+        queue.close()
     audit = _audit(room)
     assert ("shift-operator", "pin", "done", "the second is noisy") in [a[:4] for a in audit]
     assert ("shift-operator", "retry", "refused", "again") in [a[:4] for a in audit]

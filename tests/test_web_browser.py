@@ -255,3 +255,25 @@ def test_refresh_configuration_signals_the_daemons(browser: Any, live: LiveLoop)
     assert "EcalPedestals/step2" in _text(browser, "result")
     log = Path(live.loop_config.log_dir) / "EcalPedestals" / "step2_INFO.log"
     wait_for(lambda: "configuration reloaded" in log.read_text(), 30, "the daemon reloaded")
+
+
+def test_one_click_recalibration_of_a_finished_run(browser: Any, live: LiveLoop) -> None:
+    """Logged in: "Recalibrate" on the page of the finished run makes step 4 harvest it
+    again; the page follows it live back to Done, and a new store version appears."""
+
+    def versions() -> list[str]:
+        store = CalibStore(live.loop_config.store_root)
+        try:
+            return [v.version for v in store.detector("ecal-0001").versions("pedestals")]
+        finally:
+            store.close()
+
+    before = versions()
+    browser.get(f"{live.web_url}/runs/EcalPedestals/{RUN}")
+    _submit(browser, "form-rerun", "recalibrate with the new thresholds")
+    assert _text(browser, "result-title") == "Done", _text(browser, "result")
+    browser.get(f"{live.web_url}/runs/EcalPedestals/{RUN}")
+    wait_for(lambda: len(versions()) == len(before) + 1, 90, "a new version stored")
+    wait_for(lambda: _text(browser, "state-step4") == "Done", 90, "step 4 Done again")
+    assert any("rerun" in t and "done" in t for t in _texts(browser, "table.commands"))
+    screenshot(browser, "run_recalibrated")

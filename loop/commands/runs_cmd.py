@@ -1,9 +1,10 @@
-"""``calloop runs list|show|retry|skip``: what happened to a run, and operator commands.
+"""``calloop runs list|show|retry|skip|rerun``: what happened to a run, and operator
+commands.
 
-``retry`` and ``skip`` are queued in the acting step's journal (:mod:`loop.control.
-runcontrol`) and applied by its daemon at its next cycle; the command waits for the
-acknowledgement (``--wait``), and with the daemon stopped the command waits for its next
-start. Both are safe to repeat.
+``retry``, ``skip`` and ``rerun`` (recalibrate a finished run) are queued in the acting
+step's journal (:mod:`loop.control.runcontrol`) and applied by its daemon at its next
+cycle; the command waits for the acknowledgement (``--wait``), and with the daemon
+stopped the command waits for its next start. All are safe to repeat.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 from loop.commands.common import add_json_flag, emit, when
 from loop.commands.daemon_cmd import add_config_option, loop_config_from
 from loop.config import LoopConfig
-from loop.control.runcontrol import PENDING, Command, CommandQueue
+from loop.control.runcontrol import PENDING, RERUN_STEP, Command, CommandQueue, rerun_refusal
 from loop.errors import CalloopError
 from loop.journal import Journal
 from states import STEPS
@@ -52,6 +53,16 @@ def register(subparsers: Any) -> None:
     skip.add_argument("run", type=int)
     _acting(skip)
     skip.set_defaults(handler=cmd_skip)
+
+    rerun = sub.add_parser(
+        "rerun",
+        help="recalibrate a finished run: step 4 harvests all its inputs again with the "
+        "current configuration (new store version, new upload)",
+    )
+    _common(rerun, json_flag=False)
+    rerun.add_argument("run", type=int)
+    _acting(rerun)
+    rerun.set_defaults(handler=cmd_rerun)
 
 
 def _common(parser: argparse.ArgumentParser, *, json_flag: bool = True) -> None:
@@ -240,6 +251,16 @@ def cmd_skip(args: argparse.Namespace) -> int:
     if not steps:
         raise CalloopError(f"run {args.run} is closed in every step; nothing to skip")
     return _queue(loop_config, args, steps, "skip")
+
+
+def cmd_rerun(args: argparse.Namespace) -> int:
+    """Queue a recalibration of a finished run in step 4."""
+    loop_config = loop_config_from(args)
+    journals = _journals(loop_config, args.calibration)
+    why = rerun_refusal(run_states(journals, args.run).get(RERUN_STEP))
+    if why is not None:
+        raise CalloopError(f"run {args.run}: {why}")
+    return _queue(loop_config, args, [RERUN_STEP], "rerun")
 
 
 def _queue(loop_config: LoopConfig, args: argparse.Namespace, steps: list[str], action: str) -> int:

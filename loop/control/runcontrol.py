@@ -1,5 +1,10 @@
-"""Operator commands on runs (``calloop runs retry|skip``), queued where the daemon that
-must act will find them: a ``commands`` table in that step's journal database.
+"""Operator commands on runs (``calloop runs retry|skip|rerun``), queued where the daemon
+that must act will find them: a ``commands`` table in that step's journal database.
+
+``retry`` puts a Failed run back where it failed; ``skip`` closes a run on purpose in
+every step that has not; ``rerun`` (the one-click recalibration) makes step 4 harvest a
+finished run again from all its ALCA outputs, with the configuration as it is now: a new
+store version and, if it passes validation, a new upload.
 
 The CLI writes a command with who, when and why, then rings the step's doorbell (a
 file beside the journal, replaced by a rename: its watcher wakes the daemon at once,
@@ -23,7 +28,9 @@ from pathlib import Path
 
 from loop.fsutil import atomic_write_text
 
-ACTIONS = ("retry", "skip")
+ACTIONS = ("retry", "skip", "rerun")
+RERUN_STEP = "step4"  # a recalibration is a new harvest: step 4's
+RERUN_FROM = ("Done", "Rejected", "UploadRefused")  # a run is rerun once step 4 finished it
 PENDING, DONE, REFUSED = "pending", "done", "refused"
 
 SCHEMA = """
@@ -34,6 +41,16 @@ CREATE TABLE IF NOT EXISTS commands (
     result TEXT NOT NULL DEFAULT '', settled REAL);
 CREATE INDEX IF NOT EXISTS commands_by_state ON commands (state, id);
 """
+
+
+def rerun_refusal(state: str | None) -> str | None:
+    """Why a run in ``state`` in step 4 cannot be rerun (None: it can)."""
+    if state in RERUN_FROM:
+        return None
+    return (
+        f"run is {state or 'not seen'} in {RERUN_STEP}; a rerun needs it finished "
+        f"({', '.join(RERUN_FROM)}): retry a Failed run instead, or wait for it to finish"
+    )
 
 
 def doorbell_path(journal_path: Path) -> Path:

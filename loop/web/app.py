@@ -33,7 +33,7 @@ from loop.commands.daemon_cmd import collect_status
 from loop.conddb.auth import Identity
 from loop.conddb.client import Conditions, ConditionsDB
 from loop.config import LoopConfig
-from loop.control.runcontrol import CommandQueue
+from loop.control.runcontrol import RERUN_STEP, CommandQueue, rerun_refusal
 from loop.errors import CalloopError
 from loop.logs import get_logger
 from loop.store import AliasTable, CalibStore
@@ -408,6 +408,7 @@ def _add_actions(app: FastAPI, room: ControlRoom) -> None:
     actions = {
         "retry": act_retry,
         "skip": act_skip,
+        "rerun": act_rerun,
         "retire": act_retire,
         "pin": act_pin,
         "reload": act_reload,
@@ -581,6 +582,27 @@ def act_skip(
         raise Refused(409, f"run {run} is closed in every step; nothing to skip")
     result = _queue(
         room, identity, calibration=calibration, run=run, action="skip", steps=steps, reason=reason
+    )
+    return f"calibration={calibration} run={run}", result
+
+
+def act_rerun(
+    room: ControlRoom, identity: Identity, form: dict[str, str], reason: str
+) -> tuple[str, str]:
+    """Recalibrate a finished run: step 4 harvests it again with the current configuration."""
+    calibration, run = _run_of(room, form)
+    with data.Journals(room.site.loop_config, calibration) as journals:
+        why = rerun_refusal(journals.states(run).get(RERUN_STEP))
+    if why is not None:
+        raise Refused(409, f"run {run}: {why}")
+    result = _queue(
+        room,
+        identity,
+        calibration=calibration,
+        run=run,
+        action="rerun",
+        steps=[RERUN_STEP],
+        reason=reason,
     )
     return f"calibration={calibration} run={run}", result
 
