@@ -418,3 +418,17 @@ def test_built_in_workers_in_the_pool_equal_subprocesses(
         backend.close()
     assert payloads["subprocess"] == payloads["pool-fork"]
     assert np.load(tmp_path / "pool-fork" / "harvest" / "out" / harvest.PAYLOAD).shape[-1] == 256
+
+
+def test_no_server_until_the_first_job(tmp_path: Path) -> None:
+    """An idle daemon's backend starts no fork server; its first job starts one (and
+    runs as a subprocess while the server imports)."""
+    backend = LocalBackend(1, warm_pool=True)
+    try:
+        assert backend.pool is not None and backend.pool.server is None
+        spec = payload_spec(tmp_path, "sleep", "0")
+        assert run_job(backend, spec) == JobStatus(JobState.SUCCEEDED, 0)
+        assert backend.pool.server is not None
+        assert backend.pool.wait_ready(60)
+    finally:
+        backend.close()

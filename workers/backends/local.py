@@ -6,8 +6,9 @@ can be re-adopted), stdout/stderr go to the job directory, and the backend id
 start ticks also give the attempt's run time (:mod:`workers.backends.procfs`).
 
 With the warm pool (``jobs.local.warm_pool``, the default) the wrapper is forked from
-the daemon's fork server (:mod:`workers.backends.forkserver`) instead of started as a new
-interpreter, with the same files, id, deadlines and isolation. When the server cannot
+the daemon's fork server (:mod:`workers.backends.forkserver`, started with the daemon's
+first job) instead of started as a new interpreter, with the same files, id, deadlines
+and isolation. When the server cannot
 be used, jobs start as subprocesses again, with one WARNING, and a new server is tried
 after :data:`RETRY_AFTER_S`.
 """
@@ -103,8 +104,10 @@ class _PoolChild:
 
 
 class WarmPool:
-    """The backend's fork server: started with the backend, in the background (jobs
-    start as subprocesses until it is ready), replaced some time after a failure."""
+    """The backend's fork server: started with the first job, in the background (jobs
+    start as subprocesses until it is ready), replaced some time after a failure. Not at
+    start-up: a daemon whose calibration never runs a job (an idle one, of the tens a
+    deployment has) costs no server and its memory."""
 
     def __init__(self, python: str, preload: Sequence[str]) -> None:
         self.python = python
@@ -112,7 +115,6 @@ class WarmPool:
         self.server: ForkServer | None = None
         self._retry_at = 0.0
         self._failing = False  # since the last WARNING: no second one until it works
-        self._start()
 
     @property
     def degraded(self) -> bool:
