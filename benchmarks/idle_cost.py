@@ -13,8 +13,8 @@ Every calibration YAML is a renamed copy of ``config/calibrations/*.yaml``; loop
 sets paths and URLs only, so each version runs with its own defaults. The registry
 lists no run, no file arrives: the daemons are idle. Once every daemon has published
 its "running" status and ``--settle`` seconds have passed, ``--repeat`` windows of
-``--window`` seconds (>= 60 for the record) are measured; idle CPU is utime + stime
-from ``/proc/<pid>/stat`` over the window (every thread of the process), memory is
+``--window`` seconds (>= 60 for the record) are measured; idle CPU is the scheduler's
+CPU time of the process over the window (every thread, in nanoseconds), memory is
 ``VmRSS`` and the proportional set size (``Pss``: shared library pages divided among
 the processes sharing them) after the last window. A daemon counts with its descendants
 (the warm pool's fork server). Printed: the median over windows of
@@ -34,6 +34,7 @@ Each process holds an inotify instance: 3 x calibrations x 2 versions must fit u
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -55,7 +56,6 @@ REPO = Path(__file__).resolve().parent.parent
 
 STEPS = ("step2", "step3", "step4")
 TARGET_CPU_S_PER_MIN = 0.05
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 POLLER = "import os, sys, time\nwhile True:\n    time.sleep(1)\n    os.listdir(sys.argv[1])\n"
 POLLERS = 3
 INOTIFY_LIMIT = Path("/proc/sys/fs/inotify/max_user_instances")
@@ -234,12 +234,15 @@ def family(pid: int) -> list[int]:
 
 
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process and its descendants (all threads), in seconds."""
+    """CPU time of a process and its descendants (every thread), in seconds, from the
+    scheduler's nanosecond count (``/proc/<pid>/task/<tid>/schedstat``): utime + stime
+    count in ticks of 10 ms, too coarse for a process that runs a few ms a minute."""
     total = 0
     for member in family(pid):
-        fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])  # fields 14, 15 of proc(5)
-    return total / CLOCK_TICKS
+        for task in Path(f"/proc/{member}/task").iterdir():
+            with contextlib.suppress(FileNotFoundError):  # a thread that just ended
+                total += int((task / "schedstat").read_text().split()[0])
+    return total / 1e9
 
 
 def memory_mb(pid: int) -> tuple[float, float]:
