@@ -190,8 +190,10 @@ def test_a_finished_run_is_recalibrated_with_the_current_configuration(tmp_path:
         )
         assert code == 0 and "step4" in out, out
         h.run_until(
-            lambda: _state(daemons[2], RUN_A) == "Done"
-            and step4.journal.info(RUN_A).accepted_version not in (None, first.accepted_version),
+            lambda: (
+                _state(daemons[2], RUN_A) == "Done"
+                and step4.journal.info(RUN_A).accepted_version not in (None, first.accepted_version)
+            ),
             timeout=90,
         )
         again = step4.journal.info(RUN_A)
