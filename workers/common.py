@@ -22,6 +22,7 @@ from loop.config import CalibrationConfig
 from loop.errors import CalloopError
 from loop.jobconfig import load_frozen
 from loop.manifest import BadInput, write_manifest
+from loop.sim import jobfaults
 
 EXIT_BAD_INPUT = 2
 MAX_THREADS = 4
@@ -69,6 +70,10 @@ def worker_main(
         extra(parser)
     args = parser.parse_args(argv)
     try:
+        # the simulator's job faults (loop.sim.jobfaults); without a plan, one failed open
+        faulted = jobfaults.play(name, args.calibration)
+        if faulted is not None:
+            return faulted
         config = load_frozen(args.calibration)
         args.output_dir.mkdir(parents=True, exist_ok=True)
         result = run(config, args.inputs, args.output_dir, args)

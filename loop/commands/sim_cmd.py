@@ -13,7 +13,7 @@ from loop.fsutil import atomic_write_text
 from loop.logs import setup_logging
 from loop.sim.faultserver import FaultServer
 from loop.sim.registry_server import RegistryServer
-from loop.sim.scenario import load_scenario, timeline
+from loop.sim.scenario import FaultSpec, JobFaultSpec, load_scenario, timeline
 
 DEFAULT_STATE = Path("sim/registry_state.json")
 DEFAULT_RAW = Path("sim/raw")
@@ -37,6 +37,12 @@ def register(subparsers: Any) -> None:
     play.add_argument("--speed", type=float, default=1.0, help="x real time (default 1)")
     play.add_argument("--state", type=Path, default=DEFAULT_STATE, help="registry state file")
     play.add_argument("--raw-root", type=Path, default=DEFAULT_RAW, help="raw data root")
+    play.add_argument(
+        "--work-dir",
+        type=Path,
+        help="the loop's work_dir: the scenario's job faults are written there, in "
+        ".sim/job_faults.json, for its jobs to play (needed if the scenario has job faults)",
+    )
     play.add_argument("--dry-run", action="store_true", help="print the timeline and exit")
     play.set_defaults(handler=run_play)
 
@@ -87,8 +93,9 @@ def run_play(args: argparse.Namespace) -> int:
     scenario = load_scenario(args.scenario)
     if args.dry_run:
         print(f"scenario {scenario.name}: {scenario.description}")
-        for fault in scenario.faults:
-            print(fault.describe())
+        listed: list[FaultSpec | JobFaultSpec] = [*scenario.service_faults()]
+        for fault in listed + scenario.job_faults():
+            print(fault.describe())  # raw-file faults show in the timeline, where they happen
         for event in timeline(scenario):
             print(event.describe())
         return 0
@@ -97,7 +104,8 @@ def run_play(args: argparse.Namespace) -> int:
     from loop.sim.player import Player
 
     setup_logging(None, "sim", "player")
-    report = Player(scenario, args.state, args.raw_root, speed=args.speed).play()
+    player = Player(scenario, args.state, args.raw_root, work_dir=args.work_dir, speed=args.speed)
+    report = player.play()
     print(
         f"played {scenario.name}: {report.raw_files} raw files, "
         f"{report.raw_bytes / 1e6:.1f} MB, runs {report.runs_started}, "
