@@ -22,8 +22,16 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_core import ErrorDetails
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails, PydanticCustomError
 
 from loop.callpolicy import CallPolicy, MiB
 from loop.errors import ConfigError
@@ -350,6 +358,11 @@ class Step3Config(StrictModel):
         return self
 
 
+DependencyPolicy = Literal["use_previous", "wait", "fail"]
+"""What step 4 does when a calibration of ``depends_on`` has no accepted payload for a run
+(see :class:`Step4Config` and :mod:`states.dependencies`)."""
+
+
 class Step4Config(StrictModel):
     """Harvest cadence: how often statistics are re-harvested and uploaded."""
 
@@ -357,6 +370,14 @@ class Step4Config(StrictModel):
     min_interval_s: float = Field(0.0, ge=0, description="least time between two harvests of a run")
     upload_intermediate: bool = Field(
         True, description="false: intermediate harvests are stored but only the final one uploaded"
+    )
+    on_dependency_missing: DependencyPolicy = Field(
+        "use_previous",
+        description="when a calibration of depends_on ends a run without an accepted payload "
+        "(Failed, Skipped, Rejected, UploadRefused, no payload): 'use_previous' harvests with "
+        "its newest accepted payload valid for the run (the run fails if there is none), "
+        "'wait' waits until it has one (an operator retries or reruns it), 'fail' sends the "
+        "run to Failed",
     )
     command: list[str] | None = Field(None, description=COMMAND_DESCRIPTION)
 
@@ -366,9 +387,6 @@ class Step4Config(StrictModel):
 class PayloadConfig(StrictModel):
     """What the harvest produces and where it goes."""
 
-    calibration_type: Literal["pedestals", "bad_channels"] = Field(
-        description="which algorithm harvests and validates the payload"
-    )
     ctype: str = Field(
         pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
         description="calibration type name in the store (a safe store name, at most 64 chars)",
@@ -377,21 +395,6 @@ class PayloadConfig(StrictModel):
     time_type: Literal["run", "lumi", "time"] = Field("run", description="the tag's IOV unit")
     synchronization: Synchronization = Field("prompt", description="the tag's synchronization type")
     object_type: str = Field(min_length=1, description="the tag's payload object type")
-
-
-class AlgorithmConfig(StrictModel):
-    """Thresholds of the calibration algorithms (see ``workers/algorithms.py``)."""
-
-    dead_max_noise: float = Field(0.5, ge=0, description="ADC rms below which a channel is dead")
-    noisy_noise_factor: float = Field(
-        2.5, gt=1, description="noisy: noise above this x the median noise"
-    )
-    hot_occupancy_factor: float = Field(
-        10.0, gt=1, description="hot: occupancy above this x the median occupancy"
-    )
-    hot_min_occupancy: float = Field(
-        0.05, ge=0, le=1, description="a hot channel is occupied in more than this fraction"
-    )
 
 
 class ValidationConfig(StrictModel):
@@ -420,6 +423,10 @@ class CalibrationConfig(StrictModel):
     detector: str = Field(
         pattern=r"^[a-z0-9]+-[A-Za-z0-9]+$", description="store detector name, <dettype>-<detid>"
     )
+    kind: str = Field(
+        description="the calibration kind: its algorithm, a plug-in of the entry-point group "
+        "calloop.kinds (built in: pedestals, bad_channels; calloop calibrations list)"
+    )
     expert: Expert
     run_selection: RunSelection = RunSelection()
     raw_input: RawInput
@@ -427,16 +434,49 @@ class CalibrationConfig(StrictModel):
     step3: Step3Config = Step3Config()
     step4: Step4Config = Step4Config()
     payload: PayloadConfig
-    algorithm: AlgorithmConfig = AlgorithmConfig()
+    parameters: dict[str, Any] = Field(
+        default_factory=dict,
+        validate_default=True,  # an absent section gets the kind's defaults too
+        description="the kind's own parameters, validated by its schema (for the built-in "
+        "kinds: the parameters.* keys below); the effective values have defaults resolved",
+    )
     validation: ValidationConfig = ValidationConfig()
     depends_on: list[str] = Field(
         default_factory=list,
-        description="calibrations this one builds on; checked to exist and not form a cycle "
-        "(no ordering is enforced)",
+        description="calibrations this one builds on (checked to exist and not to form a "
+        "cycle): step 4 harvests a run once each has finished it, with their payloads as "
+        "inputs (see step4.on_dependency_missing)",
     )
     backend: Literal["local", "slurm"] | None = Field(
         None, description="job backend of this calibration; null: jobs.backend"
     )
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, value: str) -> str:
+        from workers.kinds import KindError, get_kind  # the registry imports this module
+
+        try:
+            get_kind(value)
+        except KindError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("parameters")
+    @classmethod
+    def _kind_parameters(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        """Validate ``parameters`` with the kind's schema; keep them with defaults resolved
+        (the frozen copy and the config hash then carry the effective values)."""
+        kind = info.data.get("kind")
+        if kind is None:  # an unknown kind is reported on its own key
+            return value
+        from workers.kinds import get_kind
+
+        try:
+            params = get_kind(kind).Parameters.model_validate(value)
+        except ValidationError as exc:
+            raise kind_parameters_error(kind, exc) from None
+        return params.model_dump(mode="json")
 
     def canonical_json(self) -> bytes:
         """The effective configuration (defaults resolved) as canonical JSON bytes."""
@@ -523,12 +563,48 @@ def _literal_message(err: ErrorDetails) -> str:
     return f"{err['input']!r} is not one of {expected}" + did_you_mean(str(err["input"]), choices)
 
 
+KIND_PARAMETERS_ERROR = "kind_parameters"
+
+
+def kind_parameters_error(kind: str, exc: ValidationError) -> PydanticCustomError:
+    """The error of ``parameters`` invalid for the kind's schema; it carries each of the
+    schema's errors, so a file's problems name every bad key below ``parameters``."""
+    errors = exc.errors(include_url=False)
+    details = "; ".join(f"{_dotted(tuple(e['loc']))}: {e['msg']}" for e in errors)
+    return PydanticCustomError(
+        KIND_PARAMETERS_ERROR,
+        "invalid for kind {kind}: {details}",
+        {"kind": kind, "details": details, "errors": errors},
+    )
+
+
+REPLACED_KEYS: dict[Loc, str] = {
+    ("payload", "calibration_type"): "replaced by the top-level key 'kind' (write: kind: {value})",
+    ("algorithm",): "replaced by 'parameters' (the kind's own parameters; same keys for the "
+    "built-in kinds)",
+}
+"""Keys of earlier versions, and what to write instead."""
+
+
+def _flat_errors(exc: ValidationError) -> Iterable[ErrorDetails]:
+    """The errors of ``exc``, those of a kind's parameters expanded below ``parameters``."""
+    for err in exc.errors():
+        if err["type"] != KIND_PARAMETERS_ERROR:
+            yield err
+            continue
+        inner_errors: list[ErrorDetails] = (err.get("ctx") or {})["errors"]
+        for inner in inner_errors:
+            yield {**inner, "loc": (*err["loc"], *inner["loc"])}
+
+
 def _format_validation(path: Path, exc: ValidationError, lines: dict[Loc, int]) -> list[str]:
     problems = []
-    for err in exc.errors():
+    for err in _flat_errors(exc):
         loc: Loc = tuple(part for part in err["loc"] if isinstance(part, (str, int)))
         message = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
+        if err["type"] == "extra_forbidden" and loc in REPLACED_KEYS:
+            message = REPLACED_KEYS[loc].format(value=err["input"])
+        elif err["type"] == "extra_forbidden":
             message = "unknown key (check the spelling against the documented keys)"
         elif err["type"] == "missing":
             message = "required key is missing"
@@ -649,7 +725,7 @@ def cross_calibration_problems(
             if dep not in names:
                 message = f"unknown calibration '{dep}'" + did_you_mean(dep, names)
                 problems.append(f"{where(name, ('depends_on', index))}: {message}")
-        cycle = _find_cycle(name, configs)
+        cycle = find_cycle(name, configs)
         if cycle and cycle[0] == min(cycle[:-1]):  # report each cycle once
             first_step = ("depends_on", config.depends_on.index(cycle[1]))
             problems.append(f"{where(name, first_step)}: circular depends_on: {' -> '.join(cycle)}")
@@ -670,7 +746,8 @@ def _locator(directory: Path, lines: dict[str, dict[Loc, int]]) -> Callable[[str
     return lambda name, loc: location(directory / f"{name}.yaml", loc, lines[name])
 
 
-def _find_cycle(start: str, configs: dict[str, CalibrationConfig]) -> list[str] | None:
+def find_cycle(start: str, configs: dict[str, CalibrationConfig]) -> list[str] | None:
+    """A ``depends_on`` cycle through ``start`` as ``[start, ..., start]``, or None."""
     stack: list[tuple[str, list[str]]] = [(start, [start])]
     while stack:
         node, trail = stack.pop()
@@ -680,6 +757,26 @@ def _find_cycle(start: str, configs: dict[str, CalibrationConfig]) -> list[str] 
             if dep not in trail:
                 stack.append((dep, [*trail, dep]))
     return None
+
+
+def dependency_chain(name: str, configs: dict[str, CalibrationConfig]) -> list[str]:
+    """Every calibration ``name`` builds on, directly or not, each after its own
+    dependencies (the order their payloads become final); ``name`` itself is not listed.
+    Names missing from ``configs`` are listed but not followed; a cycle is not followed
+    twice (:func:`cross_calibration_problems` reports it)."""
+    order: list[str] = []
+    visiting = {name}
+
+    def visit(node: str) -> None:
+        for dep in configs[node].depends_on if node in configs else []:
+            if dep in visiting or dep in order:
+                continue
+            visiting.add(dep)
+            visit(dep)
+            order.append(dep)
+
+    visit(name)
+    return order
 
 
 def check_config_dir(config_dir: Path) -> list[str]:

@@ -22,6 +22,7 @@ from pydantic_core import to_jsonable_python
 
 from loop.config import CalibrationConfig, LoopConfig
 from loop.reload import LIVE_CALIBRATION_KEYS, LIVE_LOOP_KEYS, restart_keys
+from workers.kinds import builtin_kinds, get_kind
 
 REFERENCE_PATH = Path(__file__).resolve().parent.parent / "config" / "REFERENCE.md"
 REFRESH_COMMAND = "calloop config reference --write"
@@ -53,6 +54,7 @@ SCALARS: dict[Any, str] = {
     bool: "boolean",
     Path: "path",
     type(None): "null",
+    Any: "any",
 }
 BOUNDS = (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
 
@@ -83,7 +85,25 @@ def reference_markdown() -> str:
         parts.append("| Key | Type | Default | Live | Description |\n|---|---|---|---|---|")
         parts.extend(key.row() for key in keys(model, live))
         parts.append("")
+    parts.extend(_kind_sections())
     return "\n".join(parts)
+
+
+def _kind_sections() -> Iterator[str]:
+    """The built-in calibration kinds: their payload and their ``parameters`` keys."""
+    yield "## Built-in calibration kinds (`kind:`)\n"
+    yield (
+        "Other kinds come from installed plug-ins (entry-point group `calloop.kinds`, API in "
+        "`workers/kinds/base.py`); `calloop calibrations show <Name>` describes any.\n"
+    )
+    for name in builtin_kinds():
+        kind = get_kind(name)
+        schema = kind.schema
+        yield f"### `kind: {name}`\n\n{_summary(type(kind))}\n"
+        yield f"Payload: `{schema.dtype}` `{schema.shape}`, {schema.description}.\n"
+        yield "| Key | Type | Default | Live | Description |\n|---|---|---|---|---|"
+        yield from (k.row() for k in keys(kind.Parameters, LIVE_CALIBRATION_KEYS, "parameters."))
+        yield ""
 
 
 def keys(model: type[BaseModel], live: tuple[str, ...], prefix: str = "") -> Iterator[Key]:
@@ -116,7 +136,7 @@ def _section(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def _summary(model: type[BaseModel]) -> str:
+def _summary(model: type) -> str:
     return inspect.cleandoc(model.__doc__ or "").split("\n\n")[0].replace("\n", " ")
 
 

@@ -58,12 +58,14 @@ def write_workspace(
     """A self-contained config directory under ``root``; returns its loop.yaml path.
 
     With ``scenario``, each calibration's ``raw_input.channels`` is set to the channel
-    count of its stream's simulated detector.
+    count of its stream's simulated detector, and the waits its faults provoke are cut
+    to the demo's time: ``timeouts.job_s`` to :data:`HUNG_JOB_S` if it hangs jobs, each
+    ``step2.max_wait_s`` to :data:`MISSING_LS_WAIT_S` if LS files come late or never.
     """
     config_dir = root / "config"
     shutil.copytree(calibrations_from, config_dir / "calibrations", dirs_exist_ok=True)
     if scenario is not None:
-        _match_channels(config_dir / "calibrations", scenario)
+        _fit_calibrations(config_dir / "calibrations", scenario)
     loop_yaml = config_dir / "loop.yaml"
     dump_yaml(
         loop_yaml,
@@ -85,7 +87,7 @@ def write_workspace(
                 "conddb_s": 1,
                 "conddb_attempts": 3,
                 "conddb_deadline_s": 8,
-                "job_s": 300,
+                "job_s": HUNG_JOB_S if scenario and _hangs_jobs(scenario) else 300,
             },
             "jobs": {
                 "backend": backend,
@@ -98,14 +100,30 @@ def write_workspace(
     return loop_yaml
 
 
-def _match_channels(directory: Path, scenario: Scenario) -> None:
+HUNG_JOB_S = 20
+"""``timeouts.job_s`` of a demo whose scenario hangs jobs: each hung attempt costs this."""
+MISSING_LS_WAIT_S = 15
+"""``step2.max_wait_s`` of a demo whose scenario delays or drops LS files: how long step
+2 waits for them after the run ended (a late file must come within it)."""
+
+
+def _hangs_jobs(scenario: Scenario) -> bool:
+    return any(fault.kind == "hang" for fault in scenario.job_faults())
+
+
+def _fit_calibrations(directory: Path, scenario: Scenario) -> None:
     import yaml
 
+    waits = any(f.kind in ("late", "never") for f in scenario.raw_faults().values())
     for path in sorted(directory.glob("*.yaml")):
         data = yaml.safe_load(path.read_text())
         stream = data.get("raw_input", {}).get("stream")
         if stream in scenario.detectors:
             data["raw_input"]["channels"] = scenario.detectors[stream].channels
+        if waits:
+            step2 = data.setdefault("step2", {})
+            step2["max_wait_s"] = min(step2.get("max_wait_s", MISSING_LS_WAIT_S), MISSING_LS_WAIT_S)
+        if stream in scenario.detectors or waits:
             dump_yaml(path, data)
 
 
@@ -301,7 +319,7 @@ def _truth_check(
 ) -> tuple[str, bool]:
     truth = load_truth(raw_root / cal.raw_input.stream)
     true_bad = set(np.flatnonzero(truth.status != ChannelStatus.GOOD).tolist())
-    if cal.payload.calibration_type == "bad_channels":
+    if cal.kind == "bad_channels":
         found = set(np.flatnonzero(array != ChannelStatus.GOOD).tolist())
         same = bool(np.array_equal(array, truth.status))
         return f"bad channels found {len(found)}/{len(true_bad)} true, exact={same}", same
@@ -497,6 +515,8 @@ def start_loop(
             str(root / "registry_state.json"),
             "--raw-root",
             str(loop_config.raw_root),
+            "--work-dir",
+            str(loop_config.work_dir),
         )
     except BaseException:
         group.stop_all()

@@ -23,12 +23,13 @@ LIVE_CALIBRATION_KEYS = (
     "step2",
     "step3",
     "step4",
-    "algorithm",
+    "parameters",
     "validation",
 )
 """Calibration keys read afresh for every decision or new job. Restart-only: ``name``,
-``detector``, ``raw_input`` (watched directory), ``payload`` (a run's harvests go to one
-tag and store type), ``backend`` and ``depends_on``."""
+``detector``, ``kind`` (a run's accumulations must all come from one kind), ``raw_input``
+(watched directory), ``payload`` (a run's harvests go to one tag and store type),
+``backend`` and ``depends_on``."""
 
 LIVE_LOOP_KEYS = (
     "lookback_hours",

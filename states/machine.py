@@ -48,6 +48,7 @@ class Facts:
     harvest_allowed: bool = True  # step 4: cadence (min interval) allows a harvest now
     rejected: bool = False  # step 4: the newest published harvest failed validation
     final_upload: str | None = None  # step 4: outbox state of the accepted harvest's upload
+    awaiting: tuple[str, ...] = ()  # step 4: dependencies the run still waits for (described)
 
 
 def _unbound(*_args: Any, **_kwargs: Any) -> bool:

@@ -4,6 +4,9 @@
 State                      Meaning
 =========================  =========================================================
 NotRunning                 a step-3 witness of the run was seen
+WaitingForDependencies     waiting until every calibration of ``depends_on`` has finished
+                           the run (see :mod:`states.dependencies`); then their payloads
+                           are resolved for the run's harvests
 WaitingForFiles            waiting for more ALCA outputs or step 3's ``step3.done``
 CheckingFiles              deciding whether to (re-)harvest, do the final harvest or close
 PreparingFiles             grouping the new ALCA outputs of an intermediate harvest
@@ -33,6 +36,11 @@ upload out of order. Each harvest publishes with its own frozen configuration
 (validation thresholds, tag, time type), whose SHA-256 goes into the store version,
 the upload and ``summary.json``. With ``step4.upload_intermediate: false`` every
 harvest is stored but only the run's newest accepted payload is uploaded, at Cleanup.
+
+A calibration with ``depends_on`` harvests a run only once each dependency has finished
+it (no busy wait: the run is looked at again every ``poll.heartbeat_s``); every harvest
+job of the run gets the dependencies' payloads (``--dependency NAME=PATH``), and the
+store version and ``summary.json`` name the versions used (``inputs``).
 """
 
 from __future__ import annotations
@@ -50,7 +58,7 @@ from transitions import EventData
 from loop import __version__
 from loop.conddb.client import Conditions
 from loop.conddb.rules import lumi_since
-from loop.config import CalibrationConfig
+from loop.config import CalibrationConfig, calibration_path, load_calibration
 from loop.control.runcontrol import rerun_refusal
 from loop.errors import StoreError
 from loop.fsutil import atomic_write_json
@@ -59,6 +67,16 @@ from loop.journal import JobPhase, JobRow
 from loop.manifest import Manifest, ManifestError
 from loop.outbox import Outbox
 from loop.store import CalibStore, Validity
+from states.dependencies import (
+    RESOLVED,
+    DependencyInput,
+    awaited,
+    dependency_state,
+    read_inputs,
+    resolve,
+    stage,
+    write_inputs,
+)
 from states.machine import Facts, RunModel, Transition
 from states.step import CommandRefused, StepContext
 from states.upstream import FollowsUpstream
@@ -70,6 +88,7 @@ class Step4State(Enum):
     """States of a run in step 4 (see the module table)."""
 
     NotRunning = auto()
+    WaitingForDependencies = auto()
     WaitingForFiles = auto()
     CheckingFiles = auto()
     PreparingFiles = auto()
@@ -93,8 +112,15 @@ TRANSITIONS: list[Transition] = [
     {
         "trigger": "start",
         "source": S.NotRunning,
-        "dest": S.WaitingForFiles,
+        "dest": S.WaitingForDependencies,
         "conditions": "selected",
+    },
+    {
+        "trigger": "proceed",
+        "source": S.WaitingForDependencies,
+        "dest": S.WaitingForFiles,
+        "conditions": "dependencies_met",
+        "before": "record_dependencies",
     },
     {
         "trigger": "check",
@@ -190,6 +216,10 @@ class Step4Run(RunModel):
     step: Step4
 
     # pure conditions specific to harvesting
+    def dependencies_met(self, _event: EventData) -> bool:
+        """Every calibration of ``depends_on`` finished the run as the policy requires."""
+        return not self.facts.awaiting
+
     def harvest_ready(self, _event: EventData) -> bool:
         """Enough new ALCA outputs for an intermediate harvest, cadence permitting."""
         f = self.facts
@@ -241,6 +271,11 @@ class Step4Run(RunModel):
         """The conditions DB refused the final payload for good."""
         return self.facts.final_upload == "refused"
 
+    def record_dependencies(self, _event: EventData) -> None:
+        """Resolve the dependency payloads the run's harvests use (raises, sending the
+        run to Failed, when the policy finds none usable)."""
+        self.step.record_dependencies(self.run)
+
     on_enter_PreparingFiles = RunModel.make_batches  # one batch of all new outputs
     on_enter_PreparingFinalFiles = RunModel.make_final_batches
     on_enter_PreparingHarvestingJobs = RunModel.create_jobs
@@ -288,6 +323,7 @@ class Step4(FollowsUpstream):
             monotonic=ctx.monotonic,
             on_done=self.watcher.wake.set,
         )
+        self.waiting_for: dict[int, tuple[str, ...]] = {}  # run -> what it waits for
 
     def _token_stamp(self) -> tuple[int, int] | None:
         """Changes when the token file is edited or replaced (the outbox then retries)."""
@@ -317,6 +353,7 @@ class Step4(FollowsUpstream):
             self.wake_in(self.calibration.step4.min_interval_s - since_harvest)
         return replace(
             base,
+            awaiting=self._awaiting(run),
             harvests=self.journal.batch_count(run),
             unpublished=bool(succeeded - set(record.published)),
             uploads_pending=self.outbox.pending(run),
@@ -328,6 +365,63 @@ class Step4(FollowsUpstream):
                 else self.outbox.final_state(run, record.accepted_harvest)
             ),
         )
+
+    # ---------------------------------------------------------------- dependencies
+
+    def _awaiting(self, run: int) -> tuple[str, ...]:
+        """The dependencies a run in WaitingForDependencies still waits for (read from
+        their journals only in that state); it is looked at again after
+        ``poll.heartbeat_s``, as nothing announces a change in another daemon."""
+        model = self.models.get(run)
+        if model is None or model.state is not S.WaitingForDependencies:
+            self.waiting_for.pop(run, None)
+            return ()
+        cal = self.calibration
+        work_dir = self.ctx.loop_config.work_dir
+        states = [dependency_state(work_dir, name, run) for name in cal.depends_on]
+        waiting = awaited(states, cal.step4.on_dependency_missing)
+        if waiting:
+            self.waiting_for[run] = waiting
+            self.wake_in(self.ctx.loop_config.poll.heartbeat_s)
+        else:
+            self.waiting_for.pop(run, None)
+        return waiting
+
+    def record_dependencies(self, run: int) -> None:
+        """Resolve the payload of each dependency for the run and record them in
+        ``run<R>/step4/dependencies.json`` (what every later harvest job of the run
+        stages): raises :class:`~states.dependencies.DependencyError` when the policy
+        finds none usable."""
+        path = self.step_dir(run) / RESOLVED
+        cal = self.calibration
+        if not cal.depends_on:
+            path.unlink(missing_ok=True)  # a calibration that no longer depends on any
+            return
+        loop_config = self.ctx.loop_config
+        states = [dependency_state(loop_config.work_dir, name, run) for name in cal.depends_on]
+        configs = {
+            name: load_calibration(calibration_path(loop_config, name)) for name in cal.depends_on
+        }
+        inputs = resolve(run, states, configs, self.store, cal.step4.on_dependency_missing)
+        write_inputs(path, inputs)
+        previous = [i.calibration for i in inputs if i.source == "previous"]
+        (self.log.warning if previous else self.log.info)(
+            "dependencies resolved"
+            + ("; an earlier payload stands in for: " + ", ".join(previous) if previous else ""),
+            run=run,
+            dependencies=[s.describe() for s in states],
+            inputs=[i.to_json() for i in inputs],
+        )
+
+    def _dependency_args(self, run: int, job_dir: Path) -> list[str]:
+        """Stage the run's resolved dependency payloads into the job directory and
+        return the worker's ``--dependency NAME=PATH`` options (an own command finds
+        the files under ``{job_dir}/dependencies/``)."""
+        inputs = read_inputs(self.step_dir(run) / RESOLVED)
+        if not inputs:
+            return []
+        staged = stage(job_dir, inputs, self.store)
+        return [arg for name, path in staged.items() for arg in ("--dependency", f"{name}={path}")]
 
     # --------------------------------------------------------------- harvest jobs
 
@@ -353,12 +447,16 @@ class Step4(FollowsUpstream):
     def job_argv(
         self, run: int, batch: int, inputs: list[str], job_dir: Path, config_path: Path
     ) -> list[str]:
-        """Chain on the newest succeeded harvest's state."""
+        """Chain on the newest succeeded harvest's state, with the dependency payloads
+        (staged into the job directory here, as the frozen configuration is)."""
         argv = super().job_argv(run, batch, inputs, job_dir, config_path)
+        dependencies = self._dependency_args(run, job_dir)
+        if self.external_command() is not None:
+            return argv
         previous = self._previous_harvest(run, batch)
-        if previous and self.external_command() is None:
+        if previous:
             argv += ["--previous-state", str(previous.job_dir / "out" / STATE)]
-        return argv
+        return argv + dependencies
 
     def rerun(self, run: int) -> str:
         """Recalibrate a finished run: a new harvest of every ALCA output of the run
@@ -418,7 +516,7 @@ class Step4(FollowsUpstream):
         version = self._stored_version(detector, cal, run, key)
         if version is None:
             previous = self._previous(detector, cal, run)
-            problems = validate(payload, previous, cal.validation, cal.payload.calibration_type)
+            problems = validate(payload, previous, cal.validation, cal.kind)
             version = detector.add(
                 cal.payload.ctype,
                 payload.array,
@@ -434,6 +532,7 @@ class Step4(FollowsUpstream):
                     "author": f"calloop step4 ({cal.expert.email})",
                     "quality": payload.summary,
                     "validation_problems": problems,
+                    "inputs": _inputs_json(read_inputs(job.job_dir / RESOLVED)),
                 },
             )
         else:
@@ -534,6 +633,8 @@ class Step4(FollowsUpstream):
         else:
             outcome = "accepted"
         accepted = record.accepted_harvest
+        published = record.published[-1] if record.published else None
+        final_job = None if published is None else self.journal.job(run, published)
         atomic_write_json(
             self.step_dir(run) / "summary.json",
             {
@@ -544,6 +645,9 @@ class Step4(FollowsUpstream):
                 "upload": None if accepted is None else self.outbox.final_state(run, accepted),
                 "validation_problems": record.last_problems,
                 "config_sha256": record.last_config_sha256,
+                "inputs": _inputs_json(
+                    [] if final_job is None else read_inputs(final_job.job_dir / RESOLVED)
+                ),
                 "harvests": self.journal.batch_count(run),
                 "bad_inputs": self.bad_inputs(run),
             },
@@ -559,10 +663,25 @@ class Step4(FollowsUpstream):
         return [] if due is None else [due]
 
     def status(self) -> dict[str, Any]:
+        """The step's status; a run waiting for its dependencies says for which."""
+        base = super().status()
+        waiting = {
+            str(run): "; ".join(what)
+            for run, what in sorted(self.waiting_for.items())
+            if base["runs_in_flight"].get(str(run)) == S.WaitingForDependencies.name
+        }
+        for run, what in waiting.items():
+            base["runs_in_flight"][run] += f" ({what})"
         return {
-            **super().status(),
+            **base,
+            "runs_waiting_for_dependencies": waiting,
             "uploads_pending": self.outbox.pending(),
             "uploads_waiting": self.outbox.waiting(self.clock()),
             "last_upload": self.outbox.last_upload,
             "conditions_db": asdict(self.outbox.service),
         }
+
+
+def _inputs_json(inputs: list[DependencyInput]) -> list[dict[str, str]]:
+    """Provenance: the dependency payloads a harvest used."""
+    return [i.to_json() for i in inputs]

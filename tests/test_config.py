@@ -44,7 +44,7 @@ def test_shipped_configuration_is_valid() -> None:
     configs, problems = load_all_calibrations(CONFIG_DIR / "calibrations")
     assert problems == []
     assert set(configs) == {"EcalPedestals", "SiStripBad"}
-    assert configs["SiStripBad"].payload.calibration_type == "bad_channels"
+    assert configs["SiStripBad"].kind == "bad_channels"
 
 
 def test_wrong_type_names_file_key_and_line(tmp_path: Path) -> None:

@@ -59,7 +59,7 @@ def check_against_reference(loop_config: LoopConfig, scenario: Scenario) -> None
             assert final.metadata["quality"]["events"] == events  # none lost, none twice
             resolved = conditions.resolve(tag=cal.payload.destination_tag, run=run)
             uploaded = conditions.payload(resolved.payload_hash).array()
-            if cal.payload.calibration_type == "pedestals":
+            if cal.kind == "pedestals":
                 np.testing.assert_allclose(final.array, expected, rtol=1e-9)
                 np.testing.assert_allclose(uploaded, expected, rtol=1e-9)
             else:

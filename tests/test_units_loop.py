@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loop.batching import due, plan_batches, ready
-from loop.config import AlgorithmConfig, ValidationConfig
+from loop.config import ValidationConfig
 from loop.fsutil import sha256_file
 from loop.journal import JobPhase, Journal, NewInput
 from loop.manifest import BadInput, ManifestError, read_manifest, write_manifest
@@ -32,7 +32,13 @@ from workers.accumulators import (
     merge_all,
     save_accumulators,
 )
-from workers.algorithms import ChannelStatus, Payload, classify_channels, validate
+from workers.algorithms import (
+    ChannelStatus,
+    ChannelThresholds,
+    Payload,
+    classify_channels,
+    validate,
+)
 
 
 def test_plan_batches() -> None:
@@ -106,7 +112,7 @@ def test_classify_channels() -> None:
     noise[1], noise[2] = 0.0, 15.0
     occupancy = np.full(20, 0.005)
     occupancy[3] = 0.6
-    status = classify_channels(_accumulators(noise, occupancy), AlgorithmConfig())
+    status = classify_channels(_accumulators(noise, occupancy), ChannelThresholds())
     assert status[1] == ChannelStatus.DEAD and status[2] == ChannelStatus.NOISY
     assert status[3] == ChannelStatus.HOT
     assert (status == ChannelStatus.GOOD).sum() == 17

@@ -1,4 +1,4 @@
-"""Step-3 worker: reco files -> mergeable per-channel accumulators (``alca.h5``).
+"""Step-3 worker: reco files -> the calibration kind's mergeable accumulators (``alca.h5``).
 
 Reads every format reco has written: ``frames`` uncompressed, a virtual dataset over
 per-LS parts (now), or one gzip-compressed dataset (earlier versions, still on disk in a
@@ -14,39 +14,20 @@ import h5py
 import numpy as np
 
 from loop.config import CalibrationConfig
-from loop.rawformat import TRIGGER_CODES
-from workers.accumulators import Accumulators, ChannelStats, merge_all, save_accumulators
+from workers.accumulators import save_accumulators
 from workers.common import WorkerResult, worker_main
+from workers.kinds import kind_of
 
 OUTPUT = "alca.h5"
-TRIGGER_NAMES = {code: name for name, code in TRIGGER_CODES.items()}
-
-
-def reduce_events(
-    frames: np.ndarray, trigger: np.ndarray, config: CalibrationConfig
-) -> Accumulators:
-    """Accumulators per trigger type of one set of events (pure). Each trigger type's
-    events are read from ``frames`` by row index, block by block, not copied out whole."""
-    histogram = None
-    if config.step3.histogram is not None:
-        h = config.step3.histogram
-        histogram = (h.bins, h.low, h.high)
-    codes = np.unique(trigger)
-    return {
-        TRIGGER_NAMES[int(code)]: ChannelStats.from_frames(
-            frames,
-            config.step3.occupancy_threshold,
-            histogram,
-            rows=None if len(codes) == 1 else np.flatnonzero(trigger == code),
-        )
-        for code in codes
-    }
 
 
 def run(
     config: CalibrationConfig, inputs: list[Path], output_dir: Path, _args: argparse.Namespace
 ) -> WorkerResult:
-    """Reduce every reco file and merge; an unreadable or non-finite one is rejected."""
+    """Reduce every reco file with the calibration's kind and merge; an unreadable or
+    non-finite one is rejected."""
+    kind = kind_of(config)
+    params = kind.parameters(config)
     result = WorkerResult([OUTPUT])
     parts, run_number = [], 0
     for path in inputs:
@@ -61,9 +42,9 @@ def run(
             result.reject(path, "non-finite values (NaN/inf) in the reco frames", "alca")
             continue
         run_number = number
-        parts.append(reduce_events(frames, trigger, config))
+        parts.append(kind.accumulate(frames, trigger, params, config))
     save_accumulators(
-        output_dir / OUTPUT, merge_all(parts), {"run": run_number, "calibration": config.name}
+        output_dir / OUTPUT, kind.merge(parts), {"run": run_number, "calibration": config.name}
     )
     return result
 

@@ -1,16 +1,35 @@
-"""Calibration algorithms: pure functions from merged accumulators to payloads, and the
-validation a payload must pass before it is uploaded."""
+"""The channel classification both built-in kinds share, and the entry points the loop
+calls whatever the kind: :func:`compute_payload` (harvest) and :func:`validate` (step 4).
+
+The kinds themselves are :mod:`workers.kinds.pedestals` and
+:mod:`workers.kinds.bad_channels`; their common parameters are :class:`ChannelThresholds`.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from enum import IntEnum
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
-from loop.config import AlgorithmConfig, CalibrationConfig, ValidationConfig
-from workers.accumulators import Accumulators, ChannelStats
+from loop.config import CalibrationConfig, ValidationConfig
+from workers.accumulators import Accumulators
+from workers.kinds import get_kind, kind_of
+from workers.kinds.base import AlgorithmError, CalibrationKind, Payload, require, trigger_stats
+
+__all__ = [
+    "AlgorithmError",
+    "ChannelKind",
+    "ChannelStatus",
+    "ChannelThresholds",
+    "Payload",
+    "channel_summary",
+    "classify_channels",
+    "compute_payload",
+    "validate",
+]
 
 
 class ChannelStatus(IntEnum):
@@ -22,29 +41,27 @@ class ChannelStatus(IntEnum):
     HOT = 3
 
 
-class AlgorithmError(ValueError):
-    """The accumulators cannot produce this payload (e.g. a trigger type is missing)."""
+class ChannelThresholds(BaseModel):
+    """Thresholds of the channel classification (the built-in kinds' ``parameters``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dead_max_noise: float = Field(0.5, ge=0, description="ADC rms below which a channel is dead")
+    noisy_noise_factor: float = Field(
+        2.5, gt=1, description="noisy: noise above this x the median noise"
+    )
+    hot_occupancy_factor: float = Field(
+        10.0, gt=1, description="hot: occupancy above this x the median occupancy"
+    )
+    hot_min_occupancy: float = Field(
+        0.05, ge=0, le=1, description="a hot channel is occupied in more than this fraction"
+    )
 
 
-@dataclass(frozen=True)
-class Payload:
-    """A computed payload and its quality summary."""
-
-    array: np.ndarray
-    summary: dict[str, Any] = field(default_factory=dict)
-
-
-def _stats(accumulators: Accumulators, trigger: str) -> ChannelStats:
-    stats = accumulators.get(trigger)
-    if stats is None or stats.count == 0:
-        raise AlgorithmError(f"no {trigger}-trigger events in the accumulated statistics")
-    return stats
-
-
-def classify_channels(accumulators: Accumulators, cfg: AlgorithmConfig) -> np.ndarray:
+def classify_channels(accumulators: Accumulators, cfg: ChannelThresholds) -> np.ndarray:
     """Status per channel: dead (no noise), noisy (noise >> median), hot (occupancy >>
     median in physics events). Noise comes from pedestal triggers."""
-    pedestal = _stats(accumulators, "pedestal")
+    pedestal = require(accumulators, "pedestal")
     noise = pedestal.noise
     status = np.full(noise.shape, ChannelStatus.GOOD, dtype=np.uint8)
     alive = noise >= cfg.dead_max_noise
@@ -61,82 +78,61 @@ def classify_channels(accumulators: Accumulators, cfg: AlgorithmConfig) -> np.nd
     return status
 
 
-def _summary(status: np.ndarray, events: int) -> dict[str, Any]:
+def channel_summary(
+    accumulators: Accumulators, cfg: ChannelThresholds
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """The channel status and the quality summary both built-in payloads carry.
+
+    Channels whose statistics are not finite are listed in ``nonfinite_channels``
+    whatever the payload kind (a status payload would otherwise call them dead), and
+    validation refuses such a payload.
+    """
+    status = classify_channels(accumulators, cfg)
+    pedestal = require(accumulators, "pedestal")
     counts = {s.name.lower(): int((status == s).sum()) for s in ChannelStatus}
     bad = int((status != ChannelStatus.GOOD).sum())
-    return {
-        "events": events,
+    nonfinite = ~(np.isfinite(pedestal.mean) & np.isfinite(pedestal.noise))
+    return status, {
+        "events": pedestal.count,
         "channels": int(status.size),
         "bad_channels": bad,
         "bad_fraction": bad / status.size if status.size else 0.0,
         "status_counts": counts,
         "bad_list": [int(i) for i in np.flatnonzero(status != ChannelStatus.GOOD)],
+        "nonfinite_channels": [int(i) for i in np.flatnonzero(nonfinite)],
     }
 
 
-def compute_payload(accumulators: Accumulators, config: CalibrationConfig) -> Payload:
-    """The payload of ``config.payload.calibration_type`` from merged accumulators.
+class ChannelKind(CalibrationKind[ChannelThresholds]):
+    """What the built-in kinds share: statistics per trigger type, the channel
+    classification's thresholds as parameters."""
 
-    Channels whose statistics are not finite are listed in ``nonfinite_channels``
-    whatever the payload kind (a status payload would otherwise call them dead), and
-    :func:`validate` refuses such a payload.
-    """
-    status = classify_channels(accumulators, config.algorithm)
-    pedestal = _stats(accumulators, "pedestal")
-    summary = _summary(status, pedestal.count)
-    nonfinite = ~(np.isfinite(pedestal.mean) & np.isfinite(pedestal.noise))
-    summary["nonfinite_channels"] = [int(i) for i in np.flatnonzero(nonfinite)]
-    if config.payload.calibration_type == "pedestals":
-        array = np.stack([pedestal.mean, pedestal.noise])
-        finite = np.isfinite(array[0])
-        summary.update(
-            mean_pedestal=float(array[0][finite].mean()) if finite.any() else None,
-            median_noise=float(np.median(array[1][finite])) if finite.any() else None,
-        )
-        return Payload(array, summary)
-    physics = accumulators.get("physics")
-    summary["physics_events"] = physics.count if physics is not None else 0
-    return Payload(status, summary)
+    Parameters = ChannelThresholds
+
+    def accumulate(
+        self,
+        frames: np.ndarray,
+        trigger: np.ndarray,
+        params: ChannelThresholds,
+        config: CalibrationConfig,
+    ) -> Accumulators:
+        """:class:`~workers.accumulators.ChannelStats` per trigger type."""
+        return trigger_stats(frames, trigger, config.step3)
+
+
+def compute_payload(
+    accumulators: Accumulators,
+    config: CalibrationConfig,
+    dependencies: Mapping[str, np.ndarray] | None = None,
+) -> Payload:
+    """The payload of the calibration's kind from merged accumulators."""
+    kind = kind_of(config)
+    return kind.finalize(accumulators, kind.parameters(config), dependencies or {})
 
 
 def validate(
-    payload: Payload, previous: np.ndarray | None, config: ValidationConfig, calibration_type: str
+    payload: Payload, previous: np.ndarray | None, config: ValidationConfig, kind: str
 ) -> list[str]:
-    """Reasons the payload must not be uploaded (empty when it passes)."""
-    problems = []
-    events = int(payload.summary.get("events", 0))
-    if events < config.min_events:
-        problems.append(f"only {events} events (validation.min_events = {config.min_events})")
-    fraction = float(payload.summary.get("bad_fraction", 0.0))
-    if fraction > config.max_bad_fraction:
-        problems.append(
-            f"bad-channel fraction {fraction:.3f} exceeds "
-            f"validation.max_bad_fraction = {config.max_bad_fraction}"
-        )
-    if not config.allow_nonfinite:
-        nonfinite = payload.summary.get("nonfinite_channels") or []
-        if payload.array.dtype.kind == "f" and not np.isfinite(payload.array).all():
-            problems.append("payload has NaN/inf values (validation.allow_nonfinite is false)")
-        elif nonfinite:
-            problems.append(
-                f"derived from non-finite statistics in {len(nonfinite)} channels, "
-                f"e.g. {nonfinite[:10]} (validation.allow_nonfinite is false)"
-            )
-    if calibration_type == "bad_channels":
-        codes = np.array([int(s) for s in ChannelStatus])
-        unknown = ~np.isin(payload.array, codes)
-        if unknown.any():
-            problems.append(f"{int(unknown.sum())} channels have an unknown status code")
-    if (
-        config.max_mean_shift is not None
-        and previous is not None
-        and calibration_type == "pedestals"
-        and previous.shape == payload.array.shape
-    ):
-        shift = float(np.nanmax(np.abs(payload.array[0] - previous[0])))
-        if shift > config.max_mean_shift:
-            problems.append(
-                f"pedestal shift {shift:.2f} ADC from the previous payload exceeds "
-                f"validation.max_mean_shift = {config.max_mean_shift}"
-            )
-    return problems
+    """Reasons the payload of a calibration of ``kind`` must not be uploaded (empty when
+    it passes)."""
+    return get_kind(kind).validate(payload, previous, config)

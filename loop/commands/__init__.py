@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from loop.commands import (
+    calibrations_cmd,
     conddb_cmd,
     config_cmd,
     daemon_cmd,
@@ -21,6 +22,7 @@ from loop.commands import (
 
 COMMAND_GROUPS: list[Callable[[Any], None]] = [
     config_cmd.register,
+    calibrations_cmd.register,
     sim_cmd.register,
     store_cmd.register,
     conddb_cmd.register,

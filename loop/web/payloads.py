@@ -11,33 +11,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from pydantic import BaseModel
 
 from loop.config import CalibrationConfig, LoopConfig
 from loop.errors import StoreError
 from loop.store import CalibStore, Constants, VersionInfo
 from loop.web.data import cached_reader, journal_path
-from workers.algorithms import ChannelStatus
+from workers.kinds import get_kind
+from workers.kinds.base import Check, Outside
+
+__all__ = ["Check", "Outside", "PayloadView", "load_payload", "payload_kind", "uploaded_version"]
 
 PEDESTALS, BAD_CHANNELS = "pedestals", "bad_channels"
-
-
-@dataclass(frozen=True)
-class Check:
-    """One validation figure against its threshold."""
-
-    name: str
-    value: str
-    threshold: str
-    ok: bool
-
-
-@dataclass(frozen=True)
-class Outside:
-    """A channel outside the healthy range, and why."""
-
-    channel: int
-    values: str
-    why: str
 
 
 @dataclass
@@ -46,21 +31,23 @@ class PayloadView:
 
     detector: str
     ctype: str
-    kind: str  # pedestals | bad_channels
+    kind: str  # the calibration kind, which draws and judges it
     constants: Constants
     config: CalibrationConfig | None
+    params: BaseModel | None  # the kind's parameters (None without a calibration)
     previous: Constants | None
     uploaded: Constants | None
     versions: list[VersionInfo]
-    noise_band: tuple[float, float] | None
+    noise_band: tuple[float, float] | None  # the kind's healthy range, if it has one
     checks: list[Check]
     outside: list[Outside]
 
 
 def payload_kind(array: np.ndarray, config: CalibrationConfig | None) -> str:
-    """``pedestals`` (mean and noise rows) or ``bad_channels`` (a status per channel)."""
+    """The calibration's kind; for a store entry no calibration names, the built-in kind
+    of its shape: ``pedestals`` (mean and noise rows) or ``bad_channels``."""
     if config is not None:
-        return config.payload.calibration_type
+        return config.kind
     return PEDESTALS if array.ndim == 2 and array.shape[0] == 2 else BAD_CHANNELS
 
 
@@ -90,20 +77,27 @@ def load_payload(
         if uploaded_id is not None and uploaded_id in ids
         else None
     )
-    kind = payload_kind(constants.array, config)
-    band = noise_band(constants.array, config) if kind == PEDESTALS else None
+    name = payload_kind(constants.array, config)
+    kind = get_kind(name)
+    params = None if config is None else kind.parameters(config)
+    validation = None if config is None else config.validation
+    array = np.asarray(constants.array)
+    before = None if previous is None else np.asarray(previous.array)
     return PayloadView(
         detector=handle.name,
         ctype=ctype,
-        kind=kind,
+        kind=name,
         constants=constants,
         config=config,
+        params=params,
         previous=previous,
         uploaded=uploaded,
         versions=versions,
-        noise_band=band,
-        checks=checks(constants, previous, config, kind),
-        outside=outside_channels(constants.array, previous, config, kind, band),
+        noise_band=kind.healthy_range(array, params),
+        checks=[]
+        if validation is None
+        else kind.checks(array, constants.metadata.get("quality") or {}, before, validation),
+        outside=kind.outside(array, before, params, validation),
     )
 
 
@@ -114,102 +108,3 @@ def uploaded_version(loop_config: LoopConfig, config: CalibrationConfig | None) 
     reader = cached_reader(journal_path(loop_config, config.name, "step4"))
     row = None if reader is None else reader.newest_upload("done")
     return None if row is None else row.version
-
-
-def noise_band(array: np.ndarray, config: CalibrationConfig | None) -> tuple[float, float] | None:
-    """The healthy noise range of the channel classification: above the dead limit,
-    below ``noisy_noise_factor`` times the median noise of the live channels."""
-    if config is None or array.ndim != 2:
-        return None
-    noise = array[1][np.isfinite(array[1])]
-    alive = noise[noise >= config.algorithm.dead_max_noise]
-    if not alive.size:
-        return None
-    high = config.algorithm.noisy_noise_factor * float(np.median(alive))
-    return (config.algorithm.dead_max_noise, high)
-
-
-def _mean_shift(array: np.ndarray, previous: Constants | None) -> np.ndarray | None:
-    if previous is None or previous.array.shape != array.shape or array.ndim != 2:
-        return None
-    return np.asarray(np.abs(array[0] - previous.array[0]))
-
-
-def checks(
-    constants: Constants, previous: Constants | None, config: CalibrationConfig | None, kind: str
-) -> list[Check]:
-    """The validation figures of :func:`workers.algorithms.validate` against the
-    thresholds of the calibration's ``validation`` section."""
-    if config is None:
-        return []
-    rules = config.validation
-    quality = constants.metadata.get("quality") or {}
-    events = int(quality.get("events", 0))
-    fraction = float(quality.get("bad_fraction", 0.0))
-    nonfinite = len(quality.get("nonfinite_channels") or [])
-    found = [
-        Check("events", str(events), f">= {rules.min_events}", events >= rules.min_events),
-        Check(
-            "bad-channel fraction",
-            f"{fraction:.4f}",
-            f"<= {rules.max_bad_fraction}",
-            fraction <= rules.max_bad_fraction,
-        ),
-        Check(
-            "non-finite channels",
-            str(nonfinite),
-            "any" if rules.allow_nonfinite else "0",
-            rules.allow_nonfinite or nonfinite == 0,
-        ),
-    ]
-    shift = _mean_shift(constants.array, previous)
-    if kind == PEDESTALS and rules.max_mean_shift is not None and shift is not None:
-        largest = float(np.nanmax(shift)) if shift.size else 0.0
-        found.append(
-            Check(
-                "pedestal shift from previous (ADC)",
-                f"{largest:.2f}",
-                f"<= {rules.max_mean_shift}",
-                largest <= rules.max_mean_shift,
-            )
-        )
-    return found
-
-
-def outside_channels(
-    array: np.ndarray,
-    previous: Constants | None,
-    config: CalibrationConfig | None,
-    kind: str,
-    band: tuple[float, float] | None,
-) -> list[Outside]:
-    """Channels an expert must look at: a status other than good, a noise outside the
-    healthy band, a non-finite value, a pedestal shift beyond ``max_mean_shift``."""
-    if kind == BAD_CHANNELS:
-        codes = {int(s): s.name.lower() for s in ChannelStatus}
-        return [
-            Outside(
-                int(c), codes.get(code, str(code)), "status" if code in codes else "unknown code"
-            )
-            for c in np.flatnonzero(array != ChannelStatus.GOOD)
-            if (code := int(array[c])) is not None
-        ]
-    mean, noise = array[0], array[1]
-    shift = _mean_shift(array, previous)
-    limit = config.validation.max_mean_shift if config is not None else None
-    found = []
-    for channel in range(mean.size):
-        why = []
-        if not (np.isfinite(mean[channel]) and np.isfinite(noise[channel])):
-            why.append("non-finite")
-        elif band is not None and not band[0] <= noise[channel] <= band[1]:
-            why.append(f"noise outside [{band[0]:.2f}, {band[1]:.2f}]")
-        if shift is not None and limit is not None and shift[channel] > limit:
-            why.append(f"pedestal shift {shift[channel]:.1f} > {limit}")
-        if why:
-            found.append(
-                Outside(
-                    channel, f"mean {mean[channel]:.2f}, noise {noise[channel]:.3f}", "; ".join(why)
-                )
-            )
-    return found
