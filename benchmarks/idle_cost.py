@@ -119,10 +119,13 @@ def environment(pythonpath: Path) -> dict[str, str]:
 
 
 def cli(env: dict[str, str], log: Path, *args: str) -> subprocess.Popen[bytes]:
-    """``python -m loop.cli ARGS`` with its output in ``log``."""
+    """``python -m loop.cli ARGS`` with its output in ``log``, run from ``log``'s
+    directory: ``-m`` puts the working directory first on sys.path, ahead of PYTHONPATH,
+    so a checkout as working directory would decide which code runs."""
     with open(log, "ab") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "loop.cli", *args],
+            cwd=log.parent,
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -316,6 +319,7 @@ def hosted_memory(calibrations: int, tmp: Path, code: Path) -> dict[str, float]:
     loop_yaml = write_config(root, "http://127.0.0.1:9", calibrations)  # never polled
     result = subprocess.run(
         [sys.executable, "-c", HOSTED, str(loop_yaml), *STEPS],
+        cwd=root,  # not a checkout (see cli)
         env=environment(code),
         capture_output=True,
         text=True,
