@@ -9,8 +9,9 @@ default) it starts, at the same time and on the same machine:
 * ``after``: the same with this checkout's code (or ``--after``);
 * a few plain 1 Hz Python pollers (``time.sleep(1); os.listdir(dir)``), the yardstick.
 
-Every calibration YAML is a renamed copy of ``config/calibrations/*.yaml``; loop.yaml
-sets paths and URLs only, so each version runs with its own defaults. The registry
+Every calibration YAML is a renamed copy of the variant's own
+``config/calibrations/*.yaml``; loop.yaml sets paths and URLs only, so each version runs
+with its own defaults. The registry
 lists no run, no file arrives: the daemons are idle. Once every daemon has published
 its "running" status and ``--settle`` seconds have passed, ``--repeat`` windows of
 ``--window`` seconds (>= 60 for the record) are measured; idle CPU is the scheduler's
@@ -149,13 +150,14 @@ def start_registry(root: Path, env: dict[str, str]) -> tuple[subprocess.Popen[by
     return proc, f"http://127.0.0.1:{port_file.read_text().strip()}"
 
 
-def write_config(root: Path, registry_url: str, calibrations: int) -> Path:
+def write_config(root: Path, registry_url: str, calibrations: int, code: Path) -> Path:
     """loop.yaml (paths and URLs only) and ``calibrations`` renamed copies of the
-    shipped calibration YAMLs; returns the loop.yaml path."""
+    calibration YAMLs shipped with the code at ``code`` (each version reads its own
+    format); returns the loop.yaml path."""
     config = root / "config"
     cal_dir = config / "calibrations"
     cal_dir.mkdir(parents=True)
-    sources = sorted((REPO / "config" / "calibrations").glob("*.yaml"))
+    sources = sorted((code / "config" / "calibrations").glob("*.yaml"))
     for index in range(calibrations):
         data = yaml.safe_load(sources[index % len(sources)].read_text())
         name = f"{data['name']}{index:03d}"
@@ -184,7 +186,7 @@ def start_daemons(label: str, root: Path, code: Path, calibrations: int) -> Grou
     """Registry + three daemons per calibration of the code at ``code``."""
     env = environment(code)
     registry, url = start_registry(root, env)
-    loop_yaml = write_config(root, url, calibrations)
+    loop_yaml = write_config(root, url, calibrations, code)
     group = Group(label, others=[registry])
     for path in sorted((root / "config" / "calibrations").glob("*.yaml")):
         for step in STEPS:
@@ -316,7 +318,7 @@ def hosted_memory(calibrations: int, tmp: Path, code: Path) -> dict[str, float]:
     """RSS of one process of the code at ``code`` hosting the 3 x ``calibrations`` daemons
     (initialized, idle): before them (imports done) and with them."""
     root = tmp / f"hosted-{calibrations}"
-    loop_yaml = write_config(root, "http://127.0.0.1:9", calibrations)  # never polled
+    loop_yaml = write_config(root, "http://127.0.0.1:9", calibrations, code)  # never polled
     result = subprocess.run(
         [sys.executable, "-c", HOSTED, str(loop_yaml), *STEPS],
         cwd=root,  # not a checkout (see cli)
