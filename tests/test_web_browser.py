@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import requests
-from selenium.webdriver.support.expected_conditions import staleness_of
+from selenium.common.exceptions import WebDriverException
 from selenium.webdriver.support.wait import WebDriverWait
 
 from loop.store import CalibStore
@@ -84,10 +84,16 @@ def _submit(driver: Any, form_id: str, reason: str) -> None:
 
 
 def _click_and_wait(driver: Any, button: Any) -> None:
-    """Click a form's button and wait until the answer page has replaced the form's."""
-    page = driver.find_element("tag name", "html")
+    """Click a form's button and wait until the answer page has replaced the form's and
+    loaded: the old page carries a mark that a navigation wipes. (Selenium's
+    ``staleness_of`` may hit a node while Chromium detaches it, an "unknown error".)"""
+    driver.execute_script("window.calloopOldPage = true")
     button.click()
-    WebDriverWait(driver, 30).until(staleness_of(page))
+    WebDriverWait(driver, 30, ignored_exceptions=(WebDriverException,)).until(
+        lambda d: d.execute_script(
+            "return window.calloopOldPage === undefined && document.readyState === 'complete'"
+        )
+    )
 
 
 def test_overview_follows_a_run_to_its_final_state_without_reload(
