@@ -551,57 +551,67 @@ def act_retry(
     room: ControlRoom, identity: Identity, form: dict[str, str], reason: str
 ) -> tuple[str, str]:
     """Retry a Failed run from the step where it failed."""
-    calibration, run = _run_of(room, form)
-    with data.Journals(room.site.loop_config, calibration) as journals:
-        states = journals.states(run)
-    step = data.first_failed_step(states)
-    if step is None:
-        shown = ", ".join(f"{s}: {v or 'not seen'}" for s, v in states.items())
-        raise Refused(409, f"run {run} is not Failed in any step ({shown}); nothing to retry")
-    result = _queue(
-        room,
-        identity,
-        calibration=calibration,
-        run=run,
-        action="retry",
-        steps=[step],
-        reason=reason,
-    )
-    return f"calibration={calibration} run={run}", result
+
+    def steps(run: int, states: dict[str, str | None]) -> list[str]:
+        step = data.first_failed_step(states)
+        if step is None:
+            shown = ", ".join(f"{s}: {v or 'not seen'}" for s, v in states.items())
+            raise Refused(409, f"run {run} is not Failed in any step ({shown}); nothing to retry")
+        return [step]
+
+    return _run_command(room, identity, form, reason, action="retry", steps_for=steps)
 
 
 def act_skip(
     room: ControlRoom, identity: Identity, form: dict[str, str], reason: str
 ) -> tuple[str, str]:
     """Close a run on purpose in every step that has not finished it."""
-    calibration, run = _run_of(room, form)
-    with data.Journals(room.site.loop_config, calibration) as journals:
-        states = {s: v for s, v in journals.states(run).items() if s in journals.readers}
-    steps = data.open_steps(states)
-    if not steps:
-        raise Refused(409, f"run {run} is closed in every step; nothing to skip")
-    result = _queue(
-        room, identity, calibration=calibration, run=run, action="skip", steps=steps, reason=reason
-    )
-    return f"calibration={calibration} run={run}", result
+
+    def steps(run: int, states: dict[str, str | None]) -> list[str]:
+        found = data.open_steps(states)
+        if not found:
+            raise Refused(409, f"run {run} is closed in every step; nothing to skip")
+        return found
+
+    return _run_command(room, identity, form, reason, action="skip", steps_for=steps)
 
 
 def act_rerun(
     room: ControlRoom, identity: Identity, form: dict[str, str], reason: str
 ) -> tuple[str, str]:
     """Recalibrate a finished run: step 4 harvests it again with the current configuration."""
+
+    def steps(run: int, states: dict[str, str | None]) -> list[str]:
+        why = rerun_refusal(states.get(RERUN_STEP))
+        if why is not None:
+            raise Refused(409, f"run {run}: {why}")
+        return [RERUN_STEP]
+
+    return _run_command(room, identity, form, reason, action="rerun", steps_for=steps)
+
+
+def _run_command(
+    room: ControlRoom,
+    identity: Identity,
+    form: dict[str, str],
+    reason: str,
+    *,
+    action: str,
+    steps_for: Callable[[int, dict[str, str | None]], list[str]],
+) -> tuple[str, str]:
+    """Queue a run command in the steps ``steps_for`` picks from the run's state in each
+    step that has a journal (it raises :class:`Refused` when the command does not apply)."""
     calibration, run = _run_of(room, form)
     with data.Journals(room.site.loop_config, calibration) as journals:
-        why = rerun_refusal(journals.states(run).get(RERUN_STEP))
-    if why is not None:
-        raise Refused(409, f"run {run}: {why}")
+        states = {s: v for s, v in journals.states(run).items() if s in journals.readers}
+    steps = steps_for(run, states)
     result = _queue(
         room,
         identity,
         calibration=calibration,
         run=run,
-        action="rerun",
-        steps=[RERUN_STEP],
+        action=action,
+        steps=steps,
         reason=reason,
     )
     return f"calibration={calibration} run={run}", result
