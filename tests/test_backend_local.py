@@ -67,7 +67,8 @@ def _spec(tmp_path: Path, code: str, *, timeout: float = 30.0, attempt: int = 1)
     )
 
 
-def _wait(backend: LocalBackend, backend_id: str, spec: JobSpec, limit: float = 30) -> JobStatus:
+def finish(backend: LocalBackend, backend_id: str, spec: JobSpec, limit: float = 30) -> JobStatus:
+    """Poll until the job's final status."""
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         status = backend.poll({backend_id: spec})[backend_id]
@@ -80,7 +81,7 @@ def _wait(backend: LocalBackend, backend_id: str, spec: JobSpec, limit: float = 
 def test_success_with_logs_and_exit_status(tmp_path: Path, make_backend: MakeBackend) -> None:
     backend = make_backend()
     spec = _spec(tmp_path, "print('hello'); import sys; print('oops', file=sys.stderr)")
-    status = _wait(backend, backend.submit(spec), spec)
+    status = finish(backend, backend.submit(spec), spec)
     assert status == JobStatus(JobState.SUCCEEDED, 0)
     assert spec.log_path("stdout").read_text() == "hello\n"
     assert spec.log_path("stderr").read_text() == "oops\n"
@@ -91,14 +92,14 @@ def test_success_with_logs_and_exit_status(tmp_path: Path, make_backend: MakeBac
 def test_failure_exit_code(tmp_path: Path, make_backend: MakeBackend) -> None:
     backend = make_backend()
     spec = _spec(tmp_path, "raise SystemExit(3)")
-    status = _wait(backend, backend.submit(spec), spec)
+    status = finish(backend, backend.submit(spec), spec)
     assert status.state is JobState.FAILED and status.exit_code == 3
 
 
 def test_timeout_kills_the_payload(tmp_path: Path, make_backend: MakeBackend) -> None:
     backend = make_backend()
     spec = _spec(tmp_path, "import time; time.sleep(60)", timeout=0.5)
-    status = _wait(backend, backend.submit(spec), spec)
+    status = finish(backend, backend.submit(spec), spec)
     assert status.state is JobState.TIMEOUT and status.exit_code == 124
     assert json.loads(exit_status_path(spec).read_text())["timed_out"] is True
 
@@ -109,7 +110,7 @@ def test_cancel(tmp_path: Path, make_backend: MakeBackend) -> None:
     backend_id = backend.submit(spec)
     _started(spec)
     backend.cancel(backend_id)
-    assert _wait(backend, backend_id, spec).state is JobState.CANCELLED
+    assert finish(backend, backend_id, spec).state is JobState.CANCELLED
 
 
 def _started(spec: JobSpec, limit: float = 10) -> dict[str, object]:
@@ -166,7 +167,7 @@ def test_killed_wrapper_is_lost(tmp_path: Path, make_backend: MakeBackend) -> No
     backend_id = backend.submit(spec)
     time.sleep(0.5)
     os.killpg(int(backend_id.split(":")[1]), signal.SIGKILL)
-    assert _wait(backend, backend_id, spec).state is JobState.LOST
+    assert finish(backend, backend_id, spec).state is JobState.LOST
 
 
 def test_another_backend_instance_adopts_running_jobs(
@@ -179,7 +180,7 @@ def test_another_backend_instance_adopts_running_jobs(
     time.sleep(0.3)
     assert adopted.find(spec) == backend_id
     assert adopted.poll({backend_id: spec})[backend_id].state is JobState.RUNNING
-    assert _wait(adopted, backend_id, spec).state is JobState.SUCCEEDED
+    assert finish(adopted, backend_id, spec).state is JobState.SUCCEEDED
     assert first.poll({backend_id: spec})[backend_id].state is JobState.SUCCEEDED  # reaped
 
 
@@ -205,7 +206,7 @@ def test_killed_wrapper_takes_its_payload_along(tmp_path: Path, make_backend: Ma
     os.kill(int(backend_id.split(":")[1]), signal.SIGKILL)
     assert gone(payload, limit=2.0), "payload outlived its wrapper"
     assert not gone(grandchild)
-    assert _wait(backend, backend_id, spec).state is JobState.LOST
+    assert finish(backend, backend_id, spec).state is JobState.LOST
     assert gone(grandchild, limit=2.0), "the payload's child outlived the lost attempt"
 
 

@@ -28,7 +28,7 @@ from loop.rawformat import raw_path, write_raw_ls
 from loop.sim.detector import generate_ls, make_truth
 from loop.sim.scenario import DetectorSpec
 from tests.helpers import calibration, workspace
-from tests.test_backend_local import gone, local_backend, stop
+from tests.test_backend_local import finish, gone, local_backend, stop
 from tests.test_jobs_deadline import drive, make_manager, stop_attempt
 from workers import alca, harvest, reco
 from workers.backends import local
@@ -72,17 +72,6 @@ def payload_spec(tmp_path: Path, *action: str, timeout: float = 30.0, name: str 
         attempt=1,
         timeout_s=timeout,
     )
-
-
-def finish(backend: LocalBackend, backend_id: str, spec: JobSpec, limit: float = 30) -> JobStatus:
-    """Poll until the job's final status."""
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        status = backend.poll({backend_id: spec})[backend_id]
-        if status.state.finished:
-            return status
-        time.sleep(0.02)
-    raise AssertionError("job did not finish")
 
 
 def run_job(backend: LocalBackend, spec: JobSpec) -> JobStatus:

@@ -12,6 +12,7 @@ view and no client-side rendering.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import signal
 import socket
@@ -425,27 +426,14 @@ def _add_actions(app: FastAPI, room: ControlRoom) -> None:
         if not csrf_ok(request.cookies.get(CSRF_COOKIE), form.get("csrf")):
             return page(request, room, "login.html", 403, next=target, error="CSRF check failed")
         identity = await run_in_threadpool(room.checker.identity, form.get("token", ""))
+        audit = functools.partial(
+            room.audit.record, identity, _client(request), action="login", target="-", reason=""
+        )
         if identity is None:
-            room.audit.record(
-                None,
-                _client(request),
-                action="login",
-                target="-",
-                reason="",
-                outcome="refused",
-                detail="bad token",
-            )
+            audit(outcome="refused", detail="bad token")
             error = "not a valid operator or admin token"
             return page(request, room, "login.html", 401, next=target, error=error)
-        room.audit.record(
-            identity,
-            _client(request),
-            action="login",
-            target="-",
-            reason="",
-            outcome="done",
-            detail="",
-        )
+        audit(outcome="done", detail="")
         response = RedirectResponse(target, status_code=303)
         response.set_cookie(SESSION_COOKIE, room.sessions.open(identity), **_cookie_flags(request))
         return response
