@@ -1,4 +1,4 @@
-"""``calloop calibrations list|show|check``: what an expert sees before a calibration goes
+"""``calloop calibrations list|show|check|run``: what an expert sees before a calibration goes
 into the automatic system, and the exit codes scripts rely on."""
 
 from __future__ import annotations
@@ -7,12 +7,16 @@ import json
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
+from loop.commands.calibrations_cmd import simulate
+from loop.conddb.client import ConditionsDB
 from loop.config import LoopConfig, dump_yaml
+from loop.store import CalibStore
 from tests.conftest import run_cli
-from tests.helpers import workspace
+from tests.helpers import calibration, workspace
 
 A, B = "EcalPedestals", "EcalPedestalsB"
 
@@ -122,3 +126,49 @@ def test_check_names_an_unknown_dependency_and_an_invalid_file(config: LoopConfi
 def test_check_of_an_unknown_calibration_is_an_error(config: LoopConfig) -> None:
     checked = cli(config, "check", "Nope")
     assert checked.returncode == 2 and "no calibration 'Nope'" in checked.stderr
+
+
+def test_run_derives_stores_and_uploads_once_and_a_dependent_reads_the_store(
+    config: LoopConfig, tmp_path: Path
+) -> None:
+    raw = simulate(calibration(config, A), config.raw_root)
+    out = tmp_path / "out"
+    first = cli(config, "run", A, "--runs", "1", "--out", str(out / "a"), "--store", "--upload")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "passes validation" in first.stdout and "inserted" in first.stdout
+    provenance = json.loads((out / "a" / "run1" / "provenance.json").read_text())
+    assert provenance["runs"] == [1] and provenance["inputs"] == [str(p) for p in raw]
+    payload = np.load(out / "a" / "run1" / "payload.npy")
+    stored = CalibStore(config.store_root).detector("ecal-0001").get("pedestals", run=1)
+    assert stored.version == provenance["version"]
+    np.testing.assert_array_equal(stored.array, payload)
+    conditions = ConditionsDB.connect(config.conddb_url)
+    resolved = conditions.resolve(tag="EcalPedestals_prompt_v1", run=1)
+    np.testing.assert_array_equal(conditions.payload(resolved.payload_hash).array(), payload)
+    again = cli(config, "run", A, "--runs", "1", "--out", str(out / "a"), "--upload", "--json")
+    assert again.returncode == 0, again.stderr  # answered from its idempotency key
+    assert json.loads(again.stdout)[0]["upload"]["hash"] == resolved.payload_hash
+    assert len(conditions.iovs("EcalPedestals_prompt_v1", history=True)) == 1
+    # the same events given as files: the same payload
+    files = cli(config, "run", A, "--files", *map(str, raw), "--out", str(out / "files"))
+    assert files.returncode == 0, files.stderr
+    np.testing.assert_array_equal(np.load(out / "files" / "payload.npy"), payload)
+    # B depends on A: without --dependency it takes A's stored payload for the run
+    dependent = cli(config, "run", B, "--runs", "1", "--out", str(out / "b"), "--json")
+    assert dependent.returncode == 0, dependent.stderr
+    [record] = json.loads(dependent.stdout)
+    assert list(record["dependencies"]) == [A]
+
+
+def test_run_names_a_run_without_files_and_a_foreign_dependency(config: LoopConfig) -> None:
+    missing = cli(config, "run", A, "--runs", "7-8", "--out", str(config.work_dir / "o"))
+    assert missing.returncode == 2
+    assert f"run 7: no raw LS files in {config.raw_root / 'ecal' / 'run7'}" in missing.stderr
+    bad = cli(config, "run", A, "--runs", "x", "--out", "o")
+    assert bad.returncode == 2 and "'x' is not R, R1,R2,... or R1-R2" in bad.stderr
+    simulate(calibration(config, A), config.raw_root)
+    foreign = cli(
+        config, "run", A, "--runs", "1", "--out", "o", "--dependency", f"{B}=/nowhere.npy"
+    )
+    assert foreign.returncode == 2
+    assert f"--dependency {B}: {A} does not depend on it" in foreign.stderr

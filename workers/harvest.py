@@ -65,7 +65,7 @@ def load_dependencies(
     return loaded
 
 
-def _dependency(text: str) -> tuple[str, Path]:
+def dependency_option(text: str) -> tuple[str, Path]:
     """``NAME=PATH`` of ``--dependency``."""
     name, sep, path = text.partition("=")
     if not (sep and name and path):
@@ -77,7 +77,7 @@ def _extra(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--previous-state", type=Path, help="state.h5 of the last harvest")
     parser.add_argument(
         "--dependency",
-        type=_dependency,
+        type=dependency_option,
         action="append",
         metavar="NAME=PATH",
         help="the payload (.npy) of calibration NAME of depends_on; repeat for each",

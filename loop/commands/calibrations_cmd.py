@@ -1,5 +1,6 @@
-"""``calloop calibrations list|show|check``: the calibrations of a configuration, what
-each needs and produces, and whether one is ready for the automatic system.
+"""``calloop calibrations list|show|check|run``: the calibrations of a configuration, what
+each needs and produces, whether one is ready for the automatic system, and its payload
+derived standalone (:mod:`loop.commands.calibrations_run`).
 
 ``check`` reports each check PASS or FAIL with the reason and exits 1 when any fails:
 
@@ -17,17 +18,14 @@ each needs and produces, and whether one is ready for the automatic system.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
+import logging
 import tempfile
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from loop.commands.calibrations_run import derive_target, run_numbers, targets
 from loop.commands.common import add_json_flag, emit
 from loop.commands.daemon_cmd import add_config_option, loop_config_from
 from loop.config import (
@@ -38,13 +36,14 @@ from loop.config import (
     load_all_calibrations,
 )
 from loop.errors import CalloopError
-from loop.jobconfig import freeze
+from loop.logs import setup_logging
 from loop.rawformat import raw_path, write_raw_ls
 from loop.sim.detector import generate_ls, make_truth
 from loop.sim.scenario import DetectorSpec
-from workers import alca, harvest, reco
+from workers.harvest import dependency_option
 from workers.kinds import KindError, get_kind
 from workers.kinds.base import Payload
+from workers.standalone import StandaloneError, derive
 
 EXIT_FAILED = 1
 DRY_RUN = 1  # the simulated run's number
@@ -113,6 +112,51 @@ def register(subparsers: Any) -> None:
     check.add_argument("name", nargs="?", help="calibration name (default: every one)")
     _common(check)
     check.set_defaults(handler=cmd_check)
+
+    run = sub.add_parser(
+        "run",
+        help="derive payloads standalone from existing raw or reco files (no daemon); "
+        "exit 1 when one fails validation",
+    )
+    run.add_argument("name", help="calibration name")
+    source = run.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--runs",
+        type=run_numbers,
+        help="R[,R...] or R1-R2: one payload per run, from its raw LS files under raw_root",
+    )
+    source.add_argument(
+        "--files", type=Path, nargs="+", help="raw LS or reco files: one payload of all of them"
+    )
+    run.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="directory for payload.npy, summary.json and provenance.json (per run: run<R>/)",
+    )
+    run.add_argument(
+        "--store",
+        action="store_true",
+        help="also add each payload to the calibration store as a version (retired when "
+        "it fails validation)",
+    )
+    run.add_argument(
+        "--upload",
+        action="store_true",
+        help="also upload each payload that passes validation to the conditions DB "
+        "(the calibration's tag; idempotent; needs the loop's token)",
+    )
+    run.add_argument(
+        "--dependency",
+        type=dependency_option,
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="the payload (.npy) of calibration NAME of depends_on (default: the store's "
+        "payload of NAME for the run)",
+    )
+    _common(run)
+    run.set_defaults(handler=cmd_run)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -331,7 +375,7 @@ def dry_run_outcome(cat: Catalogue, name: str) -> tuple[list[str], str]:
         for step in [*dependency_chain(name, cat.configs), name]:
             try:
                 payloads[step], payload = dry_run(cat.configs[step], Path(tmp), payloads)
-            except DryRunError as exc:
+            except StandaloneError as exc:
                 where = "" if step == name else f"dependency {step}: "
                 return [f"{where}{exc}"], ""
         return [], (
@@ -341,35 +385,19 @@ def dry_run_outcome(cat: Catalogue, name: str) -> tuple[list[str], str]:
         )
 
 
-class DryRunError(CalloopError):
-    """A dry-run step failed (its reason names the worker or the validation)."""
-
-
 def dry_run(
     config: CalibrationConfig, root: Path, dependencies: dict[str, Path]
 ) -> tuple[Path, Payload]:
-    """Simulate a tiny run of the calibration's stream under ``root``, run its three
-    workers in-process with the frozen configuration and validate the payload; returns
-    the payload's path (for the calibrations depending on it) and the payload."""
-    base = root / config.name
-    config_path, _sha256 = freeze(config, base)
+    """Simulate a tiny run of the calibration's stream under ``root``, derive its payload
+    in-process (:func:`workers.standalone.derive`) and validate it; returns the payload's
+    path (for the calibrations depending on it) and the payload."""
     raw = simulate(config, root / "raw")
-    common = ["--calibration", str(config_path), "--output-dir"]
-    _work(reco.main, "reco", [*common, str(base / "reco"), *map(str, raw)])
-    _work(alca.main, "alca", [*common, str(base / "alca"), str(base / "reco" / reco.OUTPUT)])
-    options = [
-        arg for dep in config.depends_on for arg in ("--dependency", f"{dep}={dependencies[dep]}")
-    ]
-    out = base / "harvest"
-    _work(harvest.main, "harvest", [*common, str(out), str(base / "alca" / alca.OUTPUT), *options])
-    payload = Payload(
-        np.load(out / harvest.PAYLOAD, allow_pickle=False),
-        json.loads((out / harvest.SUMMARY).read_text()),
-    )
-    problems = get_kind(config.kind).validate(payload, None, config.validation)
+    needed = {dep: dependencies[dep] for dep in config.depends_on}
+    derived = derive(config, raw, root / config.name, needed)
+    problems = get_kind(config.kind).validate(derived.payload, None, config.validation)
     if problems:
-        raise DryRunError(f"the payload fails validation: {'; '.join(problems)}")
-    return out / harvest.PAYLOAD, payload
+        raise StandaloneError(f"the payload fails validation: {'; '.join(problems)}")
+    return derived.payload_path, derived.payload
 
 
 def simulate(config: CalibrationConfig, raw_root: Path) -> list[Path]:
@@ -402,17 +430,53 @@ def simulate(config: CalibrationConfig, raw_root: Path) -> list[Path]:
     return paths
 
 
-def _work(main: Callable[[list[str] | None], int], worker: str, argv: list[str]) -> None:
-    """Run a worker's ``main()`` as a job would; a failure is a :class:`DryRunError`
-    with what the worker said."""
-    said = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(said):
-            code = main(argv)
-    except SystemExit as exc:  # argparse refused the command line
-        code = exc.code if isinstance(exc.code, int) else 2
-    except Exception as exc:  # a job would crash: the check fails, the command does not
-        raise DryRunError(f"{worker} worker crashed: {type(exc).__name__}: {exc}") from exc
-    if code != 0:
-        message = " ".join(said.getvalue().split()) or f"exit code {code}"
-        raise DryRunError(f"{worker} worker failed: {message}")
+# ------------------------------------------------------------------------------ run
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Derive each asked payload standalone (:mod:`loop.commands.calibrations_run`);
+    exit 1 when one fails validation."""
+    loop_config = loop_config_from(args)
+    cat = catalogue(args)
+    config = cat.get(args.name)
+    # the services' warnings (a retried upload) on stderr; stdout is the result
+    setup_logging(None, config.name, "calibrations-run", console_level=logging.WARNING)
+    given = dict(args.dependency)
+    records = [
+        derive_target(
+            loop_config,
+            config,
+            cat.configs,
+            target,
+            given,
+            store=args.store,
+            upload=args.upload,
+        )
+        for target in targets(loop_config, config, args.runs, args.files, args.out)
+    ]
+
+    def text() -> str:
+        return "\n".join(_run_line(record) for record in records)
+
+    emit(args, records, text)
+    return EXIT_FAILED if any(r["validation_problems"] for r in records) else 0
+
+
+def _run_line(record: dict[str, Any]) -> str:
+    """One line per payload: what, from what, where, and its validation."""
+    payload = record["payload"]
+    runs = ",".join(map(str, record["runs"]))
+    line = (
+        f"{record['calibration']} runs {runs}: {payload['dtype']}{payload['shape']} from "
+        f"{payload['events']} events -> {payload['path']}"
+    )
+    problems = record["validation_problems"]
+    line += "; FAILS validation: " + "; ".join(problems) if problems else "; passes validation"
+    if record["version"]:
+        line += f"; stored as {record['version']}" + (" (retired)" if problems else "")
+    if record["upload"]:
+        upload = record["upload"]
+        line += f"; upload to {upload['tag']} since {upload['since']}: {upload['status']}"
+    if record["rejected_inputs"]:
+        line += f"; {len(record['rejected_inputs'])} input(s) rejected (provenance.json)"
+    return line
