@@ -281,6 +281,8 @@ class Step:
             return self._skip(command.run, command.reason)
         if command.action == "rerun":
             return self.rerun(command.run)
+        if command.action == "approve":
+            return self.approve(command)
         if command.batch is not None:
             return self._retry_batch(command.run, command.batch)
         return self._retry_run(command.run)
@@ -301,12 +303,17 @@ class Step:
         """Recalibrate a finished run: only step 4 harvests (see :class:`Step4`)."""
         raise CommandRefused(f"a rerun is applied by step 4, not by {self.name}")
 
-    def restart_run(self, run: int) -> str:
-        """Put a run back in the initial state, active (the journal keeps what is done)."""
-        initial = self.model_class.INITIAL.name
-        self.journal.set_state(run, initial, active=True)
-        self._add_model(run, initial)
-        return initial
+    def approve(self, command: Command) -> str:
+        """Approve a Rejected run's payload: only step 4 publishes (see :class:`Step4`)."""
+        raise CommandRefused(f"an approval is applied by step 4, not by {self.name}")
+
+    def restart_run(self, run: int, state: str | None = None) -> str:
+        """Put a run back in ``state`` (default: the initial state), active (the journal
+        keeps what is done)."""
+        state = state or self.model_class.INITIAL.name
+        self.journal.set_state(run, state, active=True)
+        self._add_model(run, state)
+        return state
 
     def _retry_batch(self, run: int, batch: int) -> str:
         job = self.journal.job(run, batch)

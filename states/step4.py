@@ -59,7 +59,7 @@ from loop import __version__
 from loop.conddb.client import Conditions
 from loop.conddb.rules import lumi_since
 from loop.config import CalibrationConfig, calibration_path, load_calibration
-from loop.control.runcontrol import rerun_refusal
+from loop.control.runcontrol import Command, approve_refusal, rerun_refusal
 from loop.errors import StoreError
 from loop.fsutil import atomic_write_json
 from loop.jobconfig import FROZEN_CONFIG, load_frozen
@@ -512,28 +512,12 @@ class Step4(FollowsUpstream):
             np.load(out / PAYLOAD, allow_pickle=False), json.loads((out / SUMMARY).read_text())
         )
         detector = self.store.detector(cal.detector, create=True)
-        key = f"{cal.name}:run{run}:harvest{job.batch}"
-        version = self._stored_version(detector, cal, run, key)
+        version = self._stored_version(detector, cal, run, _harvest_key(cal, job))
         if version is None:
             previous = self._previous(detector, cal, run)
             problems = validate(payload, previous, cal.validation, cal.kind)
-            version = detector.add(
-                cal.payload.ctype,
-                payload.array,
-                begin=run,
-                retired=bool(problems),
-                allow_nonfinite=cal.validation.allow_nonfinite,
-                comment=f"harvest {job.batch}",
-                metadata={
-                    "harvest_key": key,
-                    "source_runs": [run],
-                    "config_sha256": job.config_sha256,
-                    "software": f"calloop {__version__}",
-                    "author": f"calloop step4 ({cal.expert.email})",
-                    "quality": payload.summary,
-                    "validation_problems": problems,
-                    "inputs": _inputs_json(read_inputs(job.job_dir / RESOLVED)),
-                },
+            version = self._store_version(
+                detector, job, cal, payload, problems=problems, comment=f"harvest {job.batch}"
             )
         else:
             problems = list(
@@ -566,6 +550,92 @@ class Step4(FollowsUpstream):
             version=version,
             events=payload.summary.get("events"),
             bad_channels=payload.summary.get("bad_channels"),
+        )
+
+    def _store_version(
+        self,
+        detector: Any,
+        job: JobRow,
+        cal: CalibrationConfig,
+        payload: Payload,
+        *,
+        problems: list[str],
+        comment: str,
+        approval: dict[str, Any] | None = None,
+    ) -> str:
+        """Add a harvest's payload to the store (retired when ``problems``), its
+        provenance in the metadata, under the key a repeated publication finds it by
+        (:func:`_harvest_key`)."""
+        extra = {} if approval is None else {"approved": approval}
+        return str(
+            detector.add(
+                cal.payload.ctype,
+                payload.array,
+                begin=job.run,
+                retired=bool(problems),
+                allow_nonfinite=cal.validation.allow_nonfinite,
+                comment=comment,
+                metadata={
+                    "harvest_key": _harvest_key(cal, job, approved=approval is not None),
+                    "source_runs": [job.run],
+                    "config_sha256": job.config_sha256,
+                    "software": f"calloop {__version__}",
+                    "author": f"calloop step4 ({cal.expert.email})",
+                    "quality": payload.summary,
+                    "validation_problems": problems,
+                    "inputs": _inputs_json(read_inputs(job.job_dir / RESOLVED)),
+                    **extra,
+                },
+            )
+        )
+
+    def approve(self, command: Command) -> str:
+        """An expert's approval of a Rejected run: its final payload, stored retired
+        because it failed validation, is stored again as an accepted version (versions
+        are immutable: the retired one stays, for the record) whose metadata names the
+        approval (who, why, the problems overridden, the version approved), and queued
+        for upload; the run waits for the upload and ends Done."""
+        run = command.run
+        why = approve_refusal(self.journal.run_state(run))
+        if why is not None:
+            raise CommandRefused(f"run {run}: {why}")
+        record = self.journal.info(run)
+        job = self.journal.job(run, record.published[-1]) if record.published else None
+        if job is None or record.last_version is None:
+            raise CommandRefused(f"run {run}: no rejected payload to approve")
+        cal = load_frozen(job.job_dir / FROZEN_CONFIG, job.config_sha256 or None)
+        out = job.job_dir / "out"
+        payload = Payload(
+            np.load(out / PAYLOAD, allow_pickle=False), json.loads((out / SUMMARY).read_text())
+        )
+        detector = self.store.detector(cal.detector, create=True)
+        version = self._stored_version(detector, cal, run, _harvest_key(cal, job, approved=True))
+        if version is None:
+            version = self._store_version(
+                detector,
+                job,
+                cal,
+                payload,
+                problems=[],
+                comment=f"approved by {command.user}: {command.reason}",
+                approval={
+                    "version": record.last_version,
+                    "overridden_problems": record.last_problems,
+                    "by": f"{command.user}@{command.host}",
+                    "reason": command.reason,
+                },
+            )
+        self.journal.update_info(
+            run,
+            last_version=version,
+            last_problems=[],
+            accepted_harvest=job.batch,
+            accepted_version=version,
+        )
+        self._queue_upload(run, job, cal, version)
+        state = self.restart_run(run, S.WaitingForUpload.name)
+        return (
+            f"run {run}: {record.last_version} approved as {version}, queued for upload ({state})"
         )
 
     def _queue_upload(self, run: int, job: JobRow, cal: CalibrationConfig, version: str) -> None:
@@ -680,6 +750,11 @@ class Step4(FollowsUpstream):
             "last_upload": self.outbox.last_upload,
             "conditions_db": asdict(self.outbox.service),
         }
+
+
+def _harvest_key(cal: CalibrationConfig, job: JobRow, *, approved: bool = False) -> str:
+    """The store metadata key of a harvest's version (and of its approval's)."""
+    return f"{cal.name}:run{job.run}:harvest{job.batch}" + (":approved" if approved else "")
 
 
 def _inputs_json(inputs: list[DependencyInput]) -> list[dict[str, str]]:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from loop.conddb.client import ConditionsDB
 from loop.daemon import Daemon
 from loop.errors import StoreError
 from loop.sim.scenario import RunSpec
@@ -213,5 +214,48 @@ def test_a_finished_run_is_recalibrated_with_the_current_configuration(tmp_path:
         [command] = shown["commands"]
         assert (command["action"], command["state"]) == ("rerun", "done")
         assert [entry["state"] for entry in shown["history"]].count("Done") == 2
+    finally:
+        h.stop()
+
+
+def test_an_expert_approves_a_rejected_payload_which_is_then_uploaded(tmp_path: Path) -> None:
+    """``runs approve``: a Rejected run's payload (stored retired, not uploaded) is stored
+    again as an accepted version naming the approval and the overridden problems, is
+    uploaded, and the run ends Done; a run that is not Rejected is refused in one line."""
+    h = harness(tmp_path, scenario(_run(RUN_A)))
+    try:
+        h.edit_calibration(CAL, {"validation": {"min_events": 10**6}})  # every payload fails
+        daemons = [h.start(step, CAL) for step in ("step2", "step3", "step4")]
+        step4 = _step(daemons[2])
+        code, out = _cli(h, "runs", "approve", "-c", CAL, str(RUN_A), "--reason", "x")
+        assert code != 0 and "only a Rejected run" in out and "Traceback" not in out
+        h.play()
+        h.run_until(lambda: _state(daemons[2], RUN_A) == "Rejected", timeout=90)
+        rejected = step4.journal.info(RUN_A).last_version
+        assert step4.journal.uploads(states=("pending", "done")) == []
+
+        code, out = _cli(
+            h, "runs", "approve", "-c", CAL, str(RUN_A), "--reason", "low stats ok", "--wait", "0"
+        )
+        assert code == 0 and "step4" in out, out
+        h.run_until(lambda: _state(daemons[2], RUN_A) == "Done", timeout=60)
+        record = step4.journal.info(RUN_A)
+        cal = calibration(h.loop_config, CAL)
+        detector = step4.store.detector(cal.detector)
+        approved = detector.get(cal.payload.ctype, version=record.accepted_version)
+        original = detector.get(cal.payload.ctype, version=rejected)
+        assert record.accepted_version != rejected and original.retired and not approved.retired
+        np.testing.assert_array_equal(approved.array, original.array)
+        approval = approved.metadata["approved"]
+        assert approval["version"] == rejected and approval["reason"] == "low stats ok"
+        assert "validation.min_events" in approval["overridden_problems"][0]
+        summary = json.loads((step4.step_dir(RUN_A) / "summary.json").read_text())
+        assert (summary["outcome"], summary["upload"]) == ("accepted", "done")
+        assert summary["uploaded_version"] == record.accepted_version
+        conditions = ConditionsDB.connect(h.loop_config.conddb_url)
+        resolved = conditions.resolve(tag=cal.payload.destination_tag, run=RUN_A)
+        np.testing.assert_array_equal(
+            conditions.payload(resolved.payload_hash).array(), original.array
+        )
     finally:
         h.stop()

@@ -225,6 +225,8 @@ def test_operator_pins_retires_and_queues_run_commands(room: Room) -> None:
     assert early.status_code == 409 and "needs it finished" in early.text
     rerun = act("rerun", calibration="EcalPedestals", run=str(NEWEST_DONE), reason="new gains")
     assert rerun.status_code == 200 and "rerun of run" in rerun.text and "step4" in rerun.text
+    done = act("approve", calibration="EcalPedestals", run=str(NEWEST_DONE), reason="ok")
+    assert done.status_code == 409 and "only a Rejected run" in done.text
     queue = CommandQueue(room.loop_config.work_dir / "EcalPedestals" / "step4.journal.sqlite")
     try:
         assert [(c.run, c.action) for c in queue.pending()] == [

@@ -1,7 +1,8 @@
-"""``calloop runs list|show|retry|skip|rerun``: what happened to a run, and operator
+"""``calloop runs list|show|retry|skip|rerun|approve``: what happened to a run, and operator
 commands.
 
-``retry``, ``skip`` and ``rerun`` (recalibrate a finished run) are queued in the acting
+``retry``, ``skip``, ``rerun`` (recalibrate a finished run) and ``approve`` (an expert's
+override of a Rejected run's validation) are queued in the acting
 step's journal (:mod:`loop.control.runcontrol`) and applied by its daemon at its next
 cycle; the command waits for the acknowledgement (``--wait``), and with the daemon
 stopped the command waits for its next start. All are safe to repeat.
@@ -17,7 +18,14 @@ from typing import Any
 from loop.commands.common import add_json_flag, emit, when
 from loop.commands.daemon_cmd import add_config_option, loop_config_from
 from loop.config import LoopConfig
-from loop.control.runcontrol import PENDING, RERUN_STEP, Command, CommandQueue, rerun_refusal
+from loop.control.runcontrol import (
+    PENDING,
+    RERUN_STEP,
+    Command,
+    CommandQueue,
+    approve_refusal,
+    rerun_refusal,
+)
 from loop.errors import CalloopError
 from loop.journal import Journal
 from states import STEPS
@@ -63,6 +71,16 @@ def register(subparsers: Any) -> None:
     rerun.add_argument("run", type=int)
     _acting(rerun)
     rerun.set_defaults(handler=cmd_rerun)
+
+    approve = sub.add_parser(
+        "approve",
+        help="an expert's override of a Rejected run: its payload is stored again as an "
+        "accepted version naming the approval, and uploaded",
+    )
+    _common(approve, json_flag=False)
+    approve.add_argument("run", type=int)
+    _acting(approve)
+    approve.set_defaults(handler=cmd_approve)
 
 
 def _common(parser: argparse.ArgumentParser, *, json_flag: bool = True) -> None:
@@ -261,6 +279,16 @@ def cmd_rerun(args: argparse.Namespace) -> int:
     if why is not None:
         raise CalloopError(f"run {args.run}: {why}")
     return _queue(loop_config, args, [RERUN_STEP], "rerun")
+
+
+def cmd_approve(args: argparse.Namespace) -> int:
+    """Queue an expert's approval of a Rejected run's payload in step 4."""
+    loop_config = loop_config_from(args)
+    journals = _journals(loop_config, args.calibration)
+    why = approve_refusal(run_states(journals, args.run).get(RERUN_STEP))
+    if why is not None:
+        raise CalloopError(f"run {args.run}: {why}")
+    return _queue(loop_config, args, [RERUN_STEP], "approve")
 
 
 def _queue(loop_config: LoopConfig, args: argparse.Namespace, steps: list[str], action: str) -> int:

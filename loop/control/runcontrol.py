@@ -1,10 +1,13 @@
-"""Operator commands on runs (``calloop runs retry|skip|rerun``), queued where the daemon
-that must act will find them: a ``commands`` table in that step's journal database.
+"""Operator commands on runs (``calloop runs retry|skip|rerun|approve``), queued where the
+daemon that must act will find them: a ``commands`` table in that step's journal database.
 
 ``retry`` puts a Failed run back where it failed; ``skip`` closes a run on purpose in
 every step that has not; ``rerun`` (the one-click recalibration) makes step 4 harvest a
 finished run again from all its ALCA outputs, with the configuration as it is now: a new
-store version and, if it passes validation, a new upload.
+store version and, if it passes validation, a new upload; ``approve`` is an expert's
+override of a Rejected run's validation (e.g. a PMT gain scan with PMTs flagged outside
+their healthy range): step 4 stores the payload again as an accepted version naming the
+approval and the problems it overrides, and uploads it.
 
 The CLI writes a command with who, when and why, then rings the step's doorbell (a
 file beside the journal, replaced by a rename: its watcher wakes the daemon at once,
@@ -28,9 +31,10 @@ from pathlib import Path
 
 from loop.fsutil import atomic_write_text
 
-ACTIONS = ("retry", "skip", "rerun")
-RERUN_STEP = "step4"  # a recalibration is a new harvest: step 4's
+ACTIONS = ("retry", "skip", "rerun", "approve")
+RERUN_STEP = "step4"  # a recalibration is a new harvest: step 4's (an approval is step 4's too)
 RERUN_FROM = ("Done", "Rejected", "UploadRefused")  # a run is rerun once step 4 finished it
+APPROVE_FROM = "Rejected"  # what an expert approves: a final payload that failed validation
 PENDING, DONE, REFUSED = "pending", "done", "refused"
 
 SCHEMA = """
@@ -50,6 +54,16 @@ def rerun_refusal(state: str | None) -> str | None:
     return (
         f"run is {state or 'not seen'} in {RERUN_STEP}; a rerun needs it finished "
         f"({', '.join(RERUN_FROM)}): retry a Failed run instead, or wait for it to finish"
+    )
+
+
+def approve_refusal(state: str | None) -> str | None:
+    """Why a run in ``state`` in step 4 cannot be approved (None: it can)."""
+    if state == APPROVE_FROM:
+        return None
+    return (
+        f"run is {state or 'not seen'} in {RERUN_STEP}; only a {APPROVE_FROM} run's final "
+        "payload (stored retired after failing validation) can be approved"
     )
 
 

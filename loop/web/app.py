@@ -34,7 +34,7 @@ from loop.commands.daemon_cmd import collect_status
 from loop.conddb.auth import Identity
 from loop.conddb.client import Conditions, ConditionsDB
 from loop.config import LoopConfig
-from loop.control.runcontrol import RERUN_STEP, CommandQueue, rerun_refusal
+from loop.control.runcontrol import RERUN_STEP, CommandQueue, approve_refusal, rerun_refusal
 from loop.errors import CalloopError
 from loop.logs import get_logger
 from loop.store import AliasTable, CalibStore
@@ -410,6 +410,7 @@ def _add_actions(app: FastAPI, room: ControlRoom) -> None:
         "retry": act_retry,
         "skip": act_skip,
         "rerun": act_rerun,
+        "approve": act_approve,
         "retire": act_retire,
         "pin": act_pin,
         "reload": act_reload,
@@ -568,14 +569,34 @@ def act_rerun(
     room: ControlRoom, identity: Identity, form: dict[str, str], reason: str
 ) -> tuple[str, str]:
     """Recalibrate a finished run: step 4 harvests it again with the current configuration."""
+    return _step4_command(room, identity, form, reason, action="rerun", refusal=rerun_refusal)
+
+
+def act_approve(
+    room: ControlRoom, identity: Identity, form: dict[str, str], reason: str
+) -> tuple[str, str]:
+    """An expert's approval of a Rejected run's payload: stored accepted, uploaded."""
+    return _step4_command(room, identity, form, reason, action="approve", refusal=approve_refusal)
+
+
+def _step4_command(
+    room: ControlRoom,
+    identity: Identity,
+    form: dict[str, str],
+    reason: str,
+    *,
+    action: str,
+    refusal: Callable[[str | None], str | None],
+) -> tuple[str, str]:
+    """Queue ``action`` in step 4 when ``refusal`` of the run's step-4 state says none."""
 
     def steps(run: int, states: dict[str, str | None]) -> list[str]:
-        why = rerun_refusal(states.get(RERUN_STEP))
+        why = refusal(states.get(RERUN_STEP))
         if why is not None:
             raise Refused(409, f"run {run}: {why}")
         return [RERUN_STEP]
 
-    return _run_command(room, identity, form, reason, action="rerun", steps_for=steps)
+    return _run_command(room, identity, form, reason, action=action, steps_for=steps)
 
 
 def _run_command(
