@@ -39,7 +39,7 @@ from loop.errors import ConfigError
 Loc = tuple[str | int, ...]
 M = TypeVar("M", bound=BaseModel)
 
-TriggerType = Literal["pedestal", "physics"]
+TriggerType = Literal["pedestal", "physics", "led"]
 RunType = Literal["collisions", "cosmics"]
 """The run types the run registry reports (and the simulator plays); a typo in
 ``run_selection.run_types`` would silently select nothing, so it is an error."""
@@ -392,7 +392,14 @@ class PayloadConfig(StrictModel):
         description="calibration type name in the store (a safe store name, at most 64 chars)",
     )
     destination_tag: str = Field(min_length=1, description="conditions-DB tag uploaded to")
-    time_type: Literal["run", "lumi", "time"] = Field("run", description="the tag's IOV unit")
+    time_type: Literal["run", "lumi", "time"] = Field(
+        "run",
+        description="the tag's IOV unit; lumi: one payload per group of lumi_group LS, each "
+        "uploaded as its own IOV as soon as its LS are all in (or the run ended)",
+    )
+    lumi_group: int = Field(
+        1, ge=1, le=10_000, description="LS per payload of a time_type lumi calibration"
+    )
     synchronization: Synchronization = Field("prompt", description="the tag's synchronization type")
     object_type: str = Field(min_length=1, description="the tag's payload object type")
 
@@ -412,6 +419,29 @@ class ValidationConfig(StrictModel):
     allow_nonfinite: bool = Field(False, description="accept NaN/inf values")
 
 
+class StatisticsConfig(StrictModel):
+    """How many events one payload needs (per run, or accumulated over consecutive runs)."""
+
+    min_events: int | None = Field(
+        None,
+        ge=1,
+        description="events one payload needs: a harvest with fewer is held back (neither "
+        "stored nor uploaded); null: every harvest is published",
+    )
+    across_runs: bool = Field(
+        False,
+        description="true: a run that ends short of min_events hands its statistics on to "
+        "the next run of this calibration, until together they reach min_events; the "
+        "payload is valid from the first run used, open-ended (time_type run only)",
+    )
+
+    @model_validator(mode="after")
+    def _across_needs_a_target(self) -> StatisticsConfig:
+        if self.across_runs and self.min_events is None:
+            raise ValueError("across_runs needs min_events (the events to accumulate)")
+        return self
+
+
 class CalibrationConfig(StrictModel):
     """One calibration workflow: its run selection, batching, payload and validation."""
 
@@ -425,7 +455,8 @@ class CalibrationConfig(StrictModel):
     )
     kind: str = Field(
         description="the calibration kind: its algorithm, a plug-in of the entry-point group "
-        "calloop.kinds (built in: pedestals, bad_channels; calloop calibrations list)"
+        "calloop.kinds (built in: pedestals, bad_channels, pmt_gain; calloop calibrations "
+        "list)"
     )
     expert: Expert
     run_selection: RunSelection = RunSelection()
@@ -441,6 +472,7 @@ class CalibrationConfig(StrictModel):
         "kinds: the parameters.* keys below); the effective values have defaults resolved",
     )
     validation: ValidationConfig = ValidationConfig()
+    statistics: StatisticsConfig = StatisticsConfig()
     depends_on: list[str] = Field(
         default_factory=list,
         description="calibrations this one builds on (checked to exist and not to form a "
@@ -477,6 +509,15 @@ class CalibrationConfig(StrictModel):
         except ValidationError as exc:
             raise kind_parameters_error(kind, exc) from None
         return params.model_dump(mode="json")
+
+    @model_validator(mode="after")
+    def _runs_accumulate_into_run_iovs(self) -> CalibrationConfig:
+        if self.statistics.across_runs and self.payload.time_type != "run":
+            raise ValueError(
+                "statistics.across_runs needs payload.time_type run (the payload is valid "
+                "from the first run it used)"
+            )
+        return self
 
     def canonical_json(self) -> bytes:
         """The effective configuration (defaults resolved) as canonical JSON bytes."""

@@ -57,7 +57,9 @@ def write_workspace(
 ) -> Path:
     """A self-contained config directory under ``root``; returns its loop.yaml path.
 
-    With ``scenario``, each calibration's ``raw_input.channels`` is set to the channel
+    With ``scenario``, only the calibrations of the streams it simulates are copied (with
+    those depending on them): the others' daemons would wait for files that never come.
+    Each one's ``raw_input.channels`` is set to the channel
     count of its stream's simulated detector, and the waits its faults provoke are cut
     to the demo's time: ``timeouts.job_s`` to :data:`HUNG_JOB_S` if it hangs jobs, each
     ``step2.max_wait_s`` to :data:`MISSING_LS_WAIT_S` if LS files come late or never.
@@ -115,9 +117,14 @@ def _fit_calibrations(directory: Path, scenario: Scenario) -> None:
     import yaml
 
     waits = any(f.kind in ("late", "never") for f in scenario.raw_faults().values())
-    for path in sorted(directory.glob("*.yaml")):
-        data = yaml.safe_load(path.read_text())
-        stream = data.get("raw_input", {}).get("stream")
+    documents = {
+        path: yaml.safe_load(path.read_text()) for path in sorted(directory.glob("*.yaml"))
+    }
+    for path in _unfed(documents, set(scenario.detectors)):
+        path.unlink()
+        del documents[path]
+    for path, data in documents.items():
+        stream = _stream(data)
         if stream in scenario.detectors:
             data["raw_input"]["channels"] = scenario.detectors[stream].channels
         if waits:
@@ -125,6 +132,29 @@ def _fit_calibrations(directory: Path, scenario: Scenario) -> None:
             step2["max_wait_s"] = min(step2.get("max_wait_s", MISSING_LS_WAIT_S), MISSING_LS_WAIT_S)
         if stream in scenario.detectors or waits:
             dump_yaml(path, data)
+
+
+def _stream(data: Any) -> str | None:
+    """The raw stream a parsed calibration file names (None: it names none)."""
+    raw_input = (data or {}).get("raw_input") or {}
+    return raw_input.get("stream") if isinstance(raw_input, dict) else None
+
+
+def _unfed(documents: dict[Path, Any], streams: set[str]) -> list[Path]:
+    """The calibration files (parsed) whose raw stream is not in ``streams``, and those
+    depending on one of them, directly or not."""
+    name_of = {path: path.stem for path in documents}
+    dropped = {path for path, data in documents.items() if _stream(data) not in (None, *streams)}
+    while True:
+        names = {name_of[path] for path in dropped}
+        more = {
+            path
+            for path, data in documents.items()
+            if path not in dropped and names & set((data or {}).get("depends_on") or [])
+        }
+        if not more:
+            return sorted(dropped)
+        dropped |= more
 
 
 @dataclass

@@ -44,12 +44,29 @@ AUTH_REMINDER_S = 600.0  # a rejected token is an ERROR again at most this often
 PENDING, DONE, SUPERSEDED, REFUSED = "pending", "done", "superseded", "refused"
 
 
+LUMI_SEQ_SHIFT = 20
+"""An outbox entry of one LS group has the sequence ``harvest << 20 | first LS``."""
+
+
+def upload_seq(harvest: int, first_ls: int | None = None) -> int:
+    """The sequence of an outbox entry: its harvest, or for one LS group of a
+    ``time_type: lumi`` calibration the harvest and the group's first LS together
+    (unique within the run, and rising with the harvest for the same IOV)."""
+    return harvest if first_ls is None else harvest << LUMI_SEQ_SHIFT | first_ls
+
+
+def describe_seq(seq: int) -> str:
+    """``harvest3`` or ``harvest3:ls0005`` (keys, upload texts, logs)."""
+    harvest, first_ls = seq >> LUMI_SEQ_SHIFT, seq & ((1 << LUMI_SEQ_SHIFT) - 1)
+    return f"harvest{seq}" if harvest == 0 else f"harvest{harvest}:ls{first_ls:04d}"
+
+
 def upload_key(calibration: str, row: UploadRow) -> str:
     """The idempotency key of an outbox entry: stable across restarts and retries. The
     payload's hash is part of it, so a journal started afresh (harvests numbered from 1
     again) never gets an earlier, different payload's result back for its key."""
     digest = sha256_file(row.payload)[:16]
-    return f"calloop:{calibration}:{row.tag}:run{row.run}:harvest{row.seq}:{digest}"
+    return f"calloop:{calibration}:{row.tag}:run{row.run}:{describe_seq(row.seq)}:{digest}"
 
 
 class Outbox:
@@ -175,7 +192,7 @@ class Outbox:
             array,
             input_tag=row.version,
             user_text=(
-                f"calloop {calibration} run {row.run} harvest {row.seq} "
+                f"calloop {calibration} run {row.run} {describe_seq(row.seq)} "
                 f"config_sha256 {row.config_sha256 or 'unknown'}"
             ),
             key=upload_key(calibration, row),

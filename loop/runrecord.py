@@ -43,6 +43,12 @@ class RunRecord:
     accepted_harvest: int | None = None  # the newest harvest that passed validation
     accepted_version: str | None = None
     chain_start: int = 0  # a rerun's harvest starts a new chain at this batch (0: none)
+    # step 4, statistics.min_events: the newest harvest held back (its events), and the
+    # statistics a run short of them hands on (states.accumulation.Carry as JSON)
+    held_events: int | None = None
+    carry: dict[str, Any] | None = None
+    # step 4, time_type lumi: the payload SHA-256 uploaded for each LS group (first LS)
+    lumi_uploaded: dict[str, str] = field(default_factory=dict)
     # every step: why the run was quarantined in Failed (step, state, exception, message)
     failure: dict[str, str] | None = None
 

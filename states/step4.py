@@ -5,8 +5,9 @@ State                      Meaning
 =========================  =========================================================
 NotRunning                 a step-3 witness of the run was seen
 WaitingForDependencies     waiting until every calibration of ``depends_on`` has finished
-                           the run (see :mod:`states.dependencies`); then their payloads
-                           are resolved for the run's harvests
+                           the run (see :mod:`states.dependencies`), and with
+                           ``statistics.across_runs`` every earlier run of this one; then
+                           their payloads (and the statistics inherited) are resolved
 WaitingForFiles            waiting for more ALCA outputs or step 3's ``step3.done``
 CheckingFiles              deciding whether to (re-)harvest, do the final harvest or close
 PreparingFiles             grouping the new ALCA outputs of an intermediate harvest
@@ -15,7 +16,8 @@ PreparingHarvestingJobs    creating the harvest job (previous state + new output
 LaunchingHarvestingJobs    submitting it
 WaitingForHarvest          one harvest per run at a time: waiting for it to finish
 Uploading                  validating the payload, writing a store version, queuing the
-                           upload in the outbox (a failed validation is stored retired)
+                           upload in the outbox (a failed validation is stored retired; a
+                           harvest short of ``statistics.min_events`` is held back)
 Cleanup                    step 3 complete, all harvested: ``step4.done`` and
                            ``summary.json`` written (the final upload queued)
 WaitingForUpload           the final payload is not in the conditions DB yet (service
@@ -41,6 +43,11 @@ A calibration with ``depends_on`` harvests a run only once each dependency has f
 it (no busy wait: the run is looked at again every ``poll.heartbeat_s``); every harvest
 job of the run gets the dependencies' payloads (``--dependency NAME=PATH``), and the
 store version and ``summary.json`` name the versions used (``inputs``).
+
+With ``statistics.min_events`` a harvest short of them is held back; with
+``statistics.across_runs`` a run that ends short hands its statistics on to the next run
+(outcome ``carried``), whose payload is valid from the first run used
+(:mod:`states.accumulation`).
 """
 
 from __future__ import annotations
@@ -65,8 +72,17 @@ from loop.fsutil import atomic_write_json
 from loop.jobconfig import FROZEN_CONFIG, load_frozen
 from loop.journal import JobPhase, JobRow
 from loop.manifest import Manifest, ManifestError
-from loop.outbox import Outbox
+from loop.outbox import REFUSED, Outbox, upload_seq
+from loop.runrecord import RunRecord
 from loop.store import CalibStore, Validity
+from states.accumulation import (
+    Carry,
+    earlier_in_flight,
+    hand_on,
+    predecessor,
+    read_carry,
+    write_carry,
+)
 from states.dependencies import (
     RESOLVED,
     DependencyInput,
@@ -77,6 +93,7 @@ from states.dependencies import (
     stage,
     write_inputs,
 )
+from states.lumi import ready_groups, validate_groups
 from states.machine import Facts, RunModel, Transition
 from states.step import CommandRefused, StepContext
 from states.upstream import FollowsUpstream
@@ -359,12 +376,17 @@ class Step4(FollowsUpstream):
             uploads_pending=self.outbox.pending(run),
             harvest_allowed=interval_ok,
             rejected=bool(record.last_problems),
-            final_upload=(
-                None
-                if record.accepted_harvest is None
-                else self.outbox.final_state(run, record.accepted_harvest)
-            ),
+            final_upload=self._final_upload(run, record),
         )
+
+    def _final_upload(self, run: int, record: RunRecord) -> str | None:
+        """The outbox state of the run's final payload (None: none queued); of a lumi
+        run, ``refused`` when the conditions DB refused any of its LS groups."""
+        if record.accepted_harvest is None:
+            return None
+        if self.calibration.payload.time_type == "lumi":
+            return REFUSED if self.journal.uploads(states=(REFUSED,), run=run) else None
+        return self.outbox.final_state(run, record.accepted_harvest)
 
     # ---------------------------------------------------------------- dependencies
 
@@ -380,6 +402,11 @@ class Step4(FollowsUpstream):
         work_dir = self.ctx.loop_config.work_dir
         states = [dependency_state(work_dir, name, run) for name in cal.depends_on]
         waiting = awaited(states, cal.step4.on_dependency_missing)
+        if cal.statistics.across_runs:  # statistics are handed on in run order
+            earlier = earlier_in_flight(self.journal.all_runs(), run)
+            if earlier:
+                listed = ", ".join(map(str, earlier))
+                waiting = (*waiting, f"{cal.name}: earlier run(s) {listed} to finish")
         if waiting:
             self.waiting_for[run] = waiting
             self.wake_in(self.ctx.loop_config.poll.heartbeat_s)
@@ -394,6 +421,7 @@ class Step4(FollowsUpstream):
         finds none usable."""
         path = self.step_dir(run) / RESOLVED
         cal = self.calibration
+        self._inherit_statistics(run)
         if not cal.depends_on:
             path.unlink(missing_ok=True)  # a calibration that no longer depends on any
             return
@@ -411,6 +439,71 @@ class Step4(FollowsUpstream):
             run=run,
             dependencies=[s.describe() for s in states],
             inputs=[i.to_json() for i in inputs],
+        )
+
+    # ----------------------------------------------------- statistics across runs
+
+    def _inherit_statistics(self, run: int) -> None:
+        """Record the statistics the run inherits from the run before it
+        (``statistics.across_runs``; see :mod:`states.accumulation`)."""
+        carry = None
+        before = predecessor(self.journal.all_runs(), run)
+        if self.calibration.statistics.across_runs and before is not None:
+            record = self.journal.info(before[0])
+            if before[1] == "Done" and record.carry is not None:
+                carry = Carry.from_json(record.carry)
+        write_carry(self.step_dir(run), carry)
+        if carry is not None:
+            self.log.info(
+                "statistics inherited from earlier runs", run=run, carried=carry.describe()
+            )
+
+    def _range_runs(self, run: int) -> list[int]:
+        """The runs a payload of ``run`` is derived from: those it inherited, then itself."""
+        carry = read_carry(self.step_dir(run))
+        return [*(carry.runs if carry else []), run]
+
+    def _held_back(self, run: int, job: JobRow, cal: CalibrationConfig, payload: Payload) -> bool:
+        """Hold back a harvest short of ``statistics.min_events``: nothing stored or
+        uploaded (the run's later harvests, or the next run, add to it)."""
+        needed = cal.statistics.min_events
+        events = int(payload.summary.get("events", 0))
+        if needed is None or events >= needed:
+            self.journal.update_info(run, held_events=None)
+            return False
+        self.journal.update_info(run, held_events=events)
+        self.log.info(
+            "payload held back: too few events yet (statistics.min_events)",
+            run=run,
+            harvest=job.batch,
+            events=events,
+            needed=needed,
+            runs=self._range_runs(run),
+        )
+        return True
+
+    def _hand_on(self, run: int, record: RunRecord) -> None:
+        """At the end of a run short of its statistics (``across_runs``), hand them on
+        to the next run: a copy of the last harvest's state, the runs and events."""
+        if not self.calibration.statistics.across_runs or record.held_events is None:
+            return
+        if record.accepted_harvest is not None or not record.published:
+            return
+        last = self.journal.job(run, record.published[-1])
+        if last is None:
+            return
+        carry = hand_on(
+            self.step_dir(run),
+            last.job_dir / "out" / STATE,
+            self._range_runs(run),
+            record.held_events,
+        )
+        self.journal.update_info(run, carry=asdict(carry))
+        self.log.info(
+            "run ended short of its statistics: handed on to the next run",
+            run=run,
+            carried=carry.describe(),
+            needed=self.calibration.statistics.min_events,
         )
 
     def _dependency_args(self, run: int, job_dir: Path) -> list[str]:
@@ -454,8 +547,11 @@ class Step4(FollowsUpstream):
         if self.external_command() is not None:
             return argv
         previous = self._previous_harvest(run, batch)
+        carry = read_carry(self.step_dir(run))
         if previous:
             argv += ["--previous-state", str(previous.job_dir / "out" / STATE)]
+        elif carry is not None:  # the chain starts from the statistics inherited
+            argv += ["--previous-state", carry.state]
         return argv + dependencies
 
     def rerun(self, run: int) -> str:
@@ -511,13 +607,21 @@ class Step4(FollowsUpstream):
         payload = Payload(
             np.load(out / PAYLOAD, allow_pickle=False), json.loads((out / SUMMARY).read_text())
         )
+        if self._held_back(run, job, cal, payload):
+            return
         detector = self.store.detector(cal.detector, create=True)
         version = self._stored_version(detector, cal, run, _harvest_key(cal, job))
         if version is None:
             previous = self._previous(detector, cal, run)
-            problems = validate(payload, previous, cal.validation, cal.kind)
+            problems, extra = self._validate(cal, payload, previous, out)
             version = self._store_version(
-                detector, job, cal, payload, problems=problems, comment=f"harvest {job.batch}"
+                detector,
+                job,
+                cal,
+                payload,
+                problems=problems,
+                comment=f"harvest {job.batch}",
+                extra=extra,
             )
         else:
             problems = list(
@@ -561,23 +665,23 @@ class Step4(FollowsUpstream):
         *,
         problems: list[str],
         comment: str,
-        approval: dict[str, Any] | None = None,
+        extra: dict[str, Any],
     ) -> str:
         """Add a harvest's payload to the store (retired when ``problems``), its
-        provenance in the metadata, under the key a repeated publication finds it by
-        (:func:`_harvest_key`)."""
-        extra = {} if approval is None else {"approved": approval}
+        provenance and ``extra`` in the metadata, under the key a repeated publication
+        finds it by (:func:`_harvest_key`; an approval's own)."""
+        runs = self._range_runs(job.run)
         return str(
             detector.add(
                 cal.payload.ctype,
                 payload.array,
-                begin=job.run,
+                begin=runs[0],
                 retired=bool(problems),
                 allow_nonfinite=cal.validation.allow_nonfinite,
                 comment=comment,
                 metadata={
-                    "harvest_key": _harvest_key(cal, job, approved=approval is not None),
-                    "source_runs": [job.run],
+                    "harvest_key": _harvest_key(cal, job, approved="approved" in extra),
+                    "source_runs": runs,
                     "config_sha256": job.config_sha256,
                     "software": f"calloop {__version__}",
                     "author": f"calloop step4 ({cal.expert.email})",
@@ -618,11 +722,13 @@ class Step4(FollowsUpstream):
                 payload,
                 problems=[],
                 comment=f"approved by {command.user}: {command.reason}",
-                approval={
-                    "version": record.last_version,
-                    "overridden_problems": record.last_problems,
-                    "by": f"{command.user}@{command.host}",
-                    "reason": command.reason,
+                extra={
+                    "approved": {
+                        "version": record.last_version,
+                        "overridden_problems": record.last_problems,
+                        "by": f"{command.user}@{command.host}",
+                        "reason": command.reason,
+                    }
                 },
             )
         self.journal.update_info(
@@ -632,13 +738,41 @@ class Step4(FollowsUpstream):
             accepted_harvest=job.batch,
             accepted_version=version,
         )
-        self._queue_upload(run, job, cal, version)
+        self._queue_upload(run, job, cal, version, approved=True)
         state = self.restart_run(run, S.WaitingForUpload.name)
         return (
             f"run {run}: {record.last_version} approved as {version}, queued for upload ({state})"
         )
 
-    def _queue_upload(self, run: int, job: JobRow, cal: CalibrationConfig, version: str) -> None:
+    def _validate(
+        self, cal: CalibrationConfig, payload: Payload, previous: np.ndarray | None, out: Path
+    ) -> tuple[list[str], dict[str, Any]]:
+        """(problems, metadata to store with the version): the kind's checks, of each
+        LS group of a lumi calibration apart (:mod:`states.lumi`)."""
+        if cal.payload.time_type != "lumi":
+            return validate(payload, previous, cal.validation, cal.kind), {}
+        problems, rejected = validate_groups(cal, out, payload.summary)
+        if rejected:
+            self.log.warning(
+                "LS groups failed validation: not uploaded",
+                rejected={f"LS {first}": why for first, why in rejected.items()},
+            )
+        return problems, {"rejected_lumi_groups": rejected}
+
+    def _queue_upload(
+        self,
+        run: int,
+        job: JobRow,
+        cal: CalibrationConfig,
+        version: str,
+        *,
+        approved: bool = False,
+    ) -> None:
+        """Queue a harvest's payload for upload (idempotent), or each ready LS group of
+        a lumi calibration (every group when an expert ``approved`` the version)."""
+        if cal.payload.time_type == "lumi":
+            self._queue_lumi_uploads(run, job, cal, version, approved=approved)
+            return
         self.journal.add_upload(
             run,
             job.batch,
@@ -650,12 +784,46 @@ class Step4(FollowsUpstream):
             now=self.clock(),
         )
 
+    def _queue_lumi_uploads(
+        self, run: int, job: JobRow, cal: CalibrationConfig, version: str, *, approved: bool
+    ) -> None:
+        """One outbox entry per LS group ready and not uploaded with this payload, its
+        IOV from the group's first LS (:mod:`states.lumi`)."""
+        out = job.job_dir / "out"
+        summary = json.loads((out / SUMMARY).read_text())
+        rejected = {} if approved else validate_groups(cal, out, summary)[1]
+        record = self.journal.info(run)
+        uploaded = dict(record.lumi_uploaded)
+        ready = ready_groups(
+            summary, rejected, out, ended=record.upstream_complete, uploaded=uploaded
+        )
+        for group, digest in ready:
+            self.journal.add_upload(
+                run,
+                upload_seq(job.batch, group.first_ls),
+                tag=cal.payload.destination_tag,
+                since=lumi_since(run, group.first_ls),
+                payload=out / str(group.file),
+                version=version,
+                config_sha256=job.config_sha256,
+                now=self.clock(),
+            )
+            uploaded[str(group.first_ls)] = digest
+        if ready:
+            self.journal.update_info(run, lumi_uploaded=uploaded)
+            self.log.info(
+                "LS groups queued for upload",
+                run=run,
+                harvest=job.batch,
+                first_ls=[group.first_ls for group, _ in ready],
+            )
+
     def _stored_version(
         self, detector: Any, cal: CalibrationConfig, run: int, key: str
     ) -> str | None:
         if not detector.exists():
             return None
-        range_name = Validity(begin_run=run).name()
+        range_name = Validity(begin_run=self._range_runs(run)[0]).name()
         try:
             versions = detector.versions(cal.payload.ctype, range_name)
         except StoreError:
@@ -676,18 +844,20 @@ class Step4(FollowsUpstream):
         if time_type == "time":
             start = json.loads((self.step_dir(run, "step2") / "run.start").read_text())
             return int(start["start_time"])
-        return run
+        return self._range_runs(run)[0]
 
     def close_run(self, run: int) -> None:
         """Queue the final upload (``upload_intermediate: false``), then write
         ``step4.done`` and ``summary.json``: outcome, final version, validation,
         configuration hash and every input rejected along the chain."""
         record = self.journal.info(run)
+        self._hand_on(run, record)
         accepted = record.accepted_harvest
         job = self.journal.job(run, accepted) if accepted is not None else None
         if job is not None and record.accepted_version is not None:
             cal = load_frozen(job.job_dir / FROZEN_CONFIG, job.config_sha256 or None)
-            if not cal.step4.upload_intermediate:
+            # a lumi run's last LS groups become ready only now that the run has ended
+            if not cal.step4.upload_intermediate or cal.payload.time_type == "lumi":
                 self._queue_upload(run, job, cal, record.accepted_version)
         super().close_run(run)
         self.write_summary(run)
@@ -696,7 +866,11 @@ class Step4(FollowsUpstream):
         """``summary.json``: outcome, final version and its upload, validation,
         configuration hash and every input rejected along the chain."""
         record = self.journal.info(run)
-        if record.last_version is None:
+        if record.carry is not None:
+            outcome = "carried"  # short of statistics.min_events: handed on
+        elif record.last_version is None and record.held_events is not None:
+            outcome = "insufficient statistics"
+        elif record.last_version is None:
             outcome = "no payload"
         elif record.last_problems:
             outcome = "rejected"
@@ -719,6 +893,9 @@ class Step4(FollowsUpstream):
                     [] if final_job is None else read_inputs(final_job.job_dir / RESOLVED)
                 ),
                 "harvests": self.journal.batch_count(run),
+                "source_runs": self._range_runs(run),
+                "held_events": record.held_events,
+                "carried": record.carry,
                 "bad_inputs": self.bad_inputs(run),
             },
         )

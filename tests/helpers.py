@@ -27,13 +27,15 @@ def one_shot_stats(frames: np.ndarray, threshold: float) -> ChannelStats:
 
 
 def reference_payload(
-    raw_root: Path, cal: CalibrationConfig, run: int, exclude: tuple[int, ...] = ()
+    raw_root: Path, cal: CalibrationConfig, run: int | list[int], exclude: tuple[int, ...] = ()
 ) -> tuple[np.ndarray, int]:
-    """The payload of ``run`` from all its raw files (but the LS in ``exclude``) at once;
-    returns (array, events)."""
-    directory = raw_path(raw_root, cal.raw_input.stream, run, 1).parent
-    parsed = {path: parse_raw_name(path) for path in directory.glob("*.h5")}
-    files = sorted(p for p, key in parsed.items() if key is not None and key[1] not in exclude)
+    """The payload of ``run`` (or of several runs together) from all its raw files (but
+    the LS in ``exclude``) at once; returns (array, events)."""
+    files = []
+    for number in [run] if isinstance(run, int) else run:
+        directory = raw_path(raw_root, cal.raw_input.stream, number, 1).parent
+        parsed = {path: parse_raw_name(path) for path in directory.glob("*.h5")}
+        files += sorted(p for p, key in parsed.items() if key is not None and key[1] not in exclude)
     contents = [read_raw_ls(f) for f in files]
     frames = np.concatenate([c.frames for c in contents])
     trigger = np.concatenate([c.trigger for c in contents])

@@ -184,7 +184,10 @@ def summary(config: CalibrationConfig) -> dict[str, Any]:
             "trigger_types": list(config.step2.trigger_types),
         },
         "depends_on": list(config.depends_on),
-        "min_events": config.validation.min_events,
+        # the events a payload needs: statistics.min_events gates the harvest (over
+        # consecutive runs with across_runs); else validation.min_events rejects it
+        "min_events": config.statistics.min_events or config.validation.min_events,
+        "across_runs": config.statistics.across_runs,
     }
 
 
@@ -204,8 +207,9 @@ def cmd_list(args: argparse.Namespace) -> int:
         ]
         for row in rows:
             inputs = f"{row['inputs']['raw_stream']}: {','.join(row['inputs']['trigger_types'])}"
+            needed = f"{row['min_events']}{' (runs)' if row['across_runs'] else ''}"
             lines.append(
-                f"{row['name']:<20} {row['kind']:<14} {inputs:<26} {row['min_events']:>10}  "
+                f"{row['name']:<20} {row['kind']:<14} {inputs:<26} {needed:>10}  "
                 f"{', '.join(row['depends_on']) or '-':<24} {row['expert']['email']}"
             )
         lines += [f"{name}: INVALID (calloop calibrations check {name})" for name in invalid]
@@ -256,7 +260,8 @@ def _show_text(data: dict[str, Any]) -> str:
         f"  expert:        {data['expert']['name']} <{data['expert']['email']}>",
         f"  inputs:        raw stream {data['inputs']['raw_stream']}, trigger types "
         f"{', '.join(data['inputs']['trigger_types'])}",
-        f"  statistics:    at least {data['min_events']} events per payload",
+        f"  statistics:    at least {data['min_events']} events per payload"
+        + (", accumulated over consecutive runs" if data["across_runs"] else ""),
         f"  payload:       detector {data['detector']}, ctype {payload['ctype']}, tag "
         f"{payload['destination_tag']} ({payload['time_type']})",
         f"  payload array: {_schema_text(data['payload_schema'])}",
