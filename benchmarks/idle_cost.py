@@ -22,11 +22,15 @@ the processes sharing them) after the last window. A daemon counts with its desc
 the mean per process, the largest process, and after/before ratios. The target is
 <= 0.05 CPU-s per minute per daemon.
 
-For the question "one process per step hosting every calibration" (``calloop step2
---all``), a last table measures, for this checkout, one process that initializes every
-daemon of the calibrations in-process (lock, journal, watcher, services): its RSS before
-and after, hence the memory each hosted daemon adds, and the estimate for three such
-processes beside the measured 3 x calibrations processes.
+For "one process per step hosting every calibration" (``calloop step2 --all``,
+:mod:`loop.hosting`), the variant ``after --all`` runs, beside the others, this
+checkout's three real ``calloop stepN --all`` processes over the same number of
+calibrations (its own registry and directories): a table gives their idle CPU and
+memory per process and per hosted daemon beside the 3 x calibrations processes of
+``after``. A last table measures one process that initializes every daemon of the
+calibrations in-process (lock, journal, watcher, services): its RSS before and after,
+hence the memory each hosted daemon adds. ``--hosted-only`` leaves out ``before`` and
+``after`` (a quick look at the hosts alone).
 
 Each process holds an inotify instance: 3 x calibrations x 2 versions must fit under
 ``fs.inotify.max_user_instances`` (128 by default; the script says so and stops).
@@ -47,6 +51,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -92,6 +97,9 @@ class Group:
     label: str
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     others: list[subprocess.Popen[bytes]] = field(default_factory=list)  # the registry
+    # per process, the "calibration/step" status files it must own once running
+    serves: dict[str, list[str]] = field(default_factory=dict)
+    daemons: int = 0  # hosted or not, the daemons its processes run
 
     def pids(self) -> dict[str, int]:
         """Name -> pid of every measured process."""
@@ -182,18 +190,24 @@ def write_config(root: Path, registry_url: str, calibrations: int, code: Path) -
     return loop_yaml
 
 
-def start_daemons(label: str, root: Path, code: Path, calibrations: int) -> Group:
-    """Registry + three daemons per calibration of the code at ``code``."""
+def start_daemons(
+    label: str, root: Path, code: Path, calibrations: int, hosted: bool = False
+) -> Group:
+    """Registry + three daemons per calibration of the code at ``code``: a process
+    each, or with ``hosted`` one ``calloop <step> --all`` process per step."""
     env = environment(code)
     registry, url = start_registry(root, env)
     loop_yaml = write_config(root, url, calibrations, code)
-    group = Group(label, others=[registry])
-    for path in sorted((root / "config" / "calibrations").glob("*.yaml")):
-        for step in STEPS:
-            group.procs[f"{path.stem}/{step}"] = cli(
-                env, root / "daemons.out", step, "-c", path.stem,
+    names = sorted(path.stem for path in (root / "config" / "calibrations").glob("*.yaml"))
+    group = Group(label, others=[registry], daemons=len(STEPS) * len(names))
+    for step in STEPS:
+        for name in ["--all"] if hosted else names:
+            proc = f"{name}/{step}"
+            group.procs[proc] = cli(
+                env, root / "daemons.out", step, *(["--all"] if hosted else ["-c", name]),
                 "--config", str(loop_yaml), "--quiet",
             )  # fmt: skip
+            group.serves[proc] = [f"{n}/{step}" for n in (names if hosted else [name])]
     return group
 
 
@@ -210,20 +224,20 @@ def start_pollers(root: Path) -> Group:
 
 
 def wait_running(group: Group, work_dir: Path, timeout: float) -> None:
-    """Until every daemon published a running status under its own pid."""
+    """Until every daemon published a running status under its process's pid."""
     deadline = time.monotonic() + timeout
-    waiting = dict(group.procs)
+    waiting = {(name, daemon) for name, daemons in group.serves.items() for daemon in daemons}
     while waiting:
-        for name, proc in list(waiting.items()):
+        for name, daemon in sorted(waiting):
+            proc = group.procs[name]
             if proc.poll() is not None:
-                raise SystemExit(f"{group.label} daemon {name} exited with {proc.returncode}")
-            calibration, step = name.split("/")
+                raise SystemExit(f"{group.label} process {name} exited with {proc.returncode}")
             try:
-                status = json.loads((work_dir / calibration / f"{step}.status.json").read_text())
+                status = json.loads((work_dir / f"{daemon}.status.json").read_text())
             except (OSError, ValueError):
                 continue
             if status.get("pid") == proc.pid and status.get("state") == "running":
-                del waiting[name]
+                waiting.discard((name, daemon))
         if time.monotonic() > deadline:
             raise SystemExit(f"{group.label}: {len(waiting)} daemons not running after {timeout} s")
         time.sleep(0.5)
@@ -278,20 +292,26 @@ def measure(groups: list[Group], window: float, repeat: int) -> dict[str, list[l
     return results
 
 
+HOSTED_LABEL = "after --all"  # the label of this checkout's hosts (calloop <step> --all)
+
+
 def run_size(
     calibrations: int, args: argparse.Namespace, tmp: Path
 ) -> tuple[list[list[object]], dict[str, float]]:
     """Start every variant for ``calibrations``, measure, stop; returns the table rows
-    and the median CPU-s/min per daemon of each variant."""
-    variants = [("before", args.baseline), ("after", args.after)]
+    and the median CPU-s/min per process of each variant."""
+    variants = [] if args.hosted_only else [("before", args.baseline), ("after", args.after)]
+    variants.append((HOSTED_LABEL, args.after))
     groups: list[Group] = []
+    roots = {label: tmp / f"{label.replace(' ', '')}-{calibrations}" for label, _ in variants}
     try:
         for label, code in variants:
-            root = tmp / f"{label}-{calibrations}"
-            groups.append(start_daemons(label, root, code, calibrations))
+            groups.append(
+                start_daemons(label, roots[label], code, calibrations, hosted=label == HOSTED_LABEL)
+            )
         groups.append(start_pollers(tmp / f"poller-{calibrations}"))
-        for group, (label, _) in zip(groups, variants, strict=False):
-            wait_running(group, tmp / f"{label}-{calibrations}" / "work", timeout=900)
+        for group in groups[: len(variants)]:
+            wait_running(group, roots[group.label] / "work", timeout=900)
         time.sleep(args.settle)
         cpu = measure(groups, args.window, args.repeat)
         memory = {g.label: [memory_mb(p) for p in g.pids().values()] for g in groups}
@@ -314,6 +334,19 @@ def run_size(
     return rows, medians
 
 
+def hosted_row(calibrations: int, rows: list[list[object]]) -> list[object]:
+    """The hosts of one size beside the separate processes of ``after`` (if measured):
+    per process, per hosted daemon, in total."""
+    by_label: dict[object, list[Any]] = {row[1]: row for row in rows}
+    hosts, separate = by_label[HOSTED_LABEL], by_label.get("after")
+    daemons = len(STEPS) * calibrations
+    _cals, _label, _procs, cpu, _largest, cpu_total, rss, pss, pss_total = hosts
+    return [
+        calibrations, daemons, cpu, cpu_total / daemons, rss, pss, pss_total / daemons,
+        pss_total, separate[3] if separate else "-", separate[8] if separate else "-",
+    ]  # fmt: skip
+
+
 def hosted_memory(calibrations: int, tmp: Path, code: Path) -> dict[str, float]:
     """RSS of one process of the code at ``code`` hosting the 3 x ``calibrations`` daemons
     (initialized, idle): before them (imports done) and with them."""
@@ -332,10 +365,10 @@ def hosted_memory(calibrations: int, tmp: Path, code: Path) -> dict[str, float]:
     return measured
 
 
-def check_inotify(calibrations: list[int]) -> None:
-    """Stop early when the daemons would run out of inotify instances."""
+def check_inotify(calibrations: list[int], variants: int) -> None:
+    """Stop early when the daemons of ``variants`` would run out of inotify instances."""
     limit = int(INOTIFY_LIMIT.read_text())
-    needed = 2 * len(STEPS) * max(calibrations)
+    needed = variants * len(STEPS) * max(calibrations)
     if needed + 16 > limit:
         raise SystemExit(
             f"{needed} daemons need {needed} inotify instances, the limit is {limit} "
@@ -352,23 +385,29 @@ def main() -> None:
     parser.add_argument("--settle", type=float, default=20.0, help="seconds after start-up")
     parser.add_argument("--baseline", type=Path, default=Path("/work/baseline"))
     parser.add_argument("--after", type=Path, default=REPO, help="code measured as after")
+    parser.add_argument(
+        "--hosted-only", action="store_true", help="only the --all hosts and the pollers"
+    )
     args = parser.parse_args()
-    check_inotify(args.calibrations)
+    check_inotify(args.calibrations, variants=1 if args.hosted_only else 3)
     rows: list[list[object]] = []
     ratios = []
     hosted: list[list[object]] = []
+    measured: list[list[object]] = []
     with tempfile.TemporaryDirectory(prefix="idle_cost.") as tmp:
         for calibrations in args.calibrations:
             size_rows, medians = run_size(calibrations, args, Path(tmp))
             rows.extend(size_rows)
             ratios.append((calibrations, medians))
+            measured.append(hosted_row(calibrations, size_rows))
             memory = hosted_memory(calibrations, Path(tmp), args.after)
-            separate = next(r for r in size_rows if r[1] == "after")
+            separate = next((r for r in size_rows if r[1] == "after"), None)
             per_daemon = (memory["all_mb"] - memory["base_mb"]) / memory["daemons"]
             three = 3 * memory["base_mb"] + memory["all_mb"] - memory["base_mb"]
             hosted.append(
                 [calibrations, memory["daemons"], memory["base_mb"], memory["all_mb"],
-                 per_daemon, three, separate[6] * separate[2]]  # type: ignore[operator]
+                 per_daemon, three,
+                 separate[6] * separate[2] if separate else "-"]  # type: ignore[operator]
             )  # fmt: skip
             shutil.rmtree(Path(tmp), ignore_errors=True)
             Path(tmp).mkdir(exist_ok=True)
@@ -380,12 +419,21 @@ def main() -> None:
         rows,
     )  # fmt: skip
     table(
+        "calloop stepN --all (this checkout, 3 processes), measured with the others: idle "
+        "CPU-s/min and MB",
+        ["cals", "daemons", "CPU/proc", "CPU/daemon", "RSS/proc", "PSS/proc", "PSS/daemon",
+         "total PSS", "after CPU/daemon", "after total PSS"],
+        measured,
+    )  # fmt: skip
+    table(
         "one process hosting every daemon (this checkout): RSS MB",
         ["cals", "daemons", "process alone", "with daemons", "per daemon",
          "3 processes (est.)", "3 x cals processes"],
         hosted,
     )  # fmt: skip
     for calibrations, medians in ratios:
+        if args.hosted_only:
+            continue
         after, before = medians["after"], medians["before"]
         verdict = "meets" if after <= TARGET_CPU_S_PER_MIN else "MISSES"
         print(

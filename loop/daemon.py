@@ -131,6 +131,19 @@ def status_path(loop_config: LoopConfig, calibration: str, step: str) -> Path:
     return loop_config.work_dir / calibration / f"{step}.status.json"
 
 
+def error_line(exc: BaseException) -> str:
+    """An error in one line: a calloop error says it all, anything else its type too."""
+    return str(exc) if isinstance(exc, CalloopError) else f"{type(exc).__name__}: {exc}"
+
+
+def daemon_lock(loop_config: LoopConfig, calibration: str, step: str) -> FileLock:
+    """The lock that makes one daemon per (calibration, step): whoever holds it owns the
+    journal and the status file."""
+    return FileLock(
+        loop_config.work_dir / calibration / f"{step}.lock", what=f"{step} of {calibration}"
+    )
+
+
 def publish_status(path: Path, status: dict[str, Any]) -> None:
     """Replace the status file atomically, WITHOUT fsync: a reader (``calloop status``,
     operators, monitoring) sees the old file or the complete new one, because the rename
@@ -214,7 +227,7 @@ class Daemon:
         self.pace = pace
         self.log = get_logger(f"calloop.{step}").bind(calibration=calibration, step=step)
         self.work_dir = loop_config.work_dir / calibration
-        self._lock = FileLock(self.work_dir / f"{step}.lock", what=f"{step} of {calibration}")
+        self._lock = daemon_lock(loop_config, calibration, step)
         self.step: Step | None = None
         self.stop_requested = False
         self.reload_requested = False
@@ -478,11 +491,21 @@ class Daemon:
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
         signal.signal(signal.SIGHUP, self.request_reload)
-        notifier = Notifier.from_environment()  # systemd's Type=notify; no-op without it
+        self.serve(Notifier.from_environment())  # systemd's Type=notify; no-op without it
+        return 0
+
+    def serve(self, notifier: Notifier | None = None) -> None:
+        """Initialize, cycle until :meth:`request_stop`, shut down: the daemon's whole
+        life, without signal handlers, so that a host can run many daemons, each in a
+        thread of its own (:mod:`loop.hosting`). A failed start is one ERROR line, then
+        what it took (the lock, the journal) is released and the error raised: the host
+        retries in the same process, where a lock left held would refuse every retry."""
+        notifier = notifier or Notifier(None)
         try:
             self.initialize()
-        except CalloopError as exc:
-            self.log.error("daemon cannot start", error=str(exc))  # the log files keep it too
+        except Exception as exc:
+            self.log.error("daemon cannot start", error=error_line(exc))  # in the files too
+            self._release_after_failed_start()
             raise
         assert self.step is not None
         notifier.ready(describe(self))
@@ -491,10 +514,29 @@ class Daemon:
                 self.loop(self.clock())
                 notifier.alive(lambda: describe(self))  # a hung cycle starves the watchdog
                 self.pause(notifier.next_ping_in())
+        except Exception:  # loop() keeps a cycle's errors; this is outside it (the wait)
+            self.log.exception("daemon stopped by an unexpected error")
+            raise
         finally:
             notifier.stopping()
             self.shutdown()
-        return 0
+
+    def _release_after_failed_start(self) -> None:
+        if self.step is not None:
+            with contextlib.suppress(Exception):  # the start failed already; free the rest
+                if self.step.watcher.alive:
+                    self.step.watcher.stop()
+                self.step.close()
+            self.step = None
+        self._lock.release()
+
+    @property
+    def cycle_age(self) -> float | None:
+        """Monotonic seconds since the last cycle began (None before the first): an idle
+        daemon cycles at least every ``poll.heartbeat_s``, so a large age is a hung cycle."""
+        if self._last_clocks is None:
+            return None
+        return self.monotonic() - self._last_clocks[1]
 
     def next_cycle_in(self, now: float) -> float:
         """Seconds until the next cycle is due when no event comes: the heartbeat, or

@@ -29,10 +29,13 @@ forged line or recolour a terminal. JSON lines are escaped by the JSON encoding 
 
 Records carry bound context (calibration, step, run, state) from structlog's contextvars
 or ``log.bind``; records without it (library loggers, background threads) get the
-process's calibration and step. Files are written by :class:`DiskSafeFileHandler`, which
-reopens a file when logrotate moves it away, so no line is lost, and which survives a
-full or failing disk: a daemon's CRITICAL line about that disk still reaches stderr
-(journald under systemd) instead of drowning in one logging traceback per record. The
+process's calibration and step. A process hosting the daemons of many calibrations
+(``calloop step2 --all``, :func:`setup_hosted_logging`) routes each record by its
+calibration to that calibration's files, the same files as above. Files are written
+by :class:`DiskSafeFileHandler`, which reopens a file when logrotate moves it away, so
+no line is lost, and which survives a full or failing disk: a daemon's CRITICAL line
+about that disk still reaches stderr (journald under systemd) instead of drowning in
+one logging traceback per record. The
 stdlib loggers of libraries (urllib3, uvicorn) propagate to the root logger and land in
 the same files. transitions logs nothing below WARNING: its per-callback lines were 85%
 of ``_ALL.log`` and say nothing that calloop's own structured line per state change
@@ -400,12 +403,14 @@ def _cut(text: str, width: float) -> str:
     return text if len(text) <= width else text[: int(width) - len(ELLIPSIS)] + ELLIPSIS
 
 
-def _process_context(calibration: str, step: str) -> Processor:
+def _process_context(calibration: str | None, step: str) -> Processor:
     """Give records without context (library loggers, background threads, which do not
-    inherit the main thread's contextvars) the calibration and step of the process."""
+    inherit the main thread's contextvars) the calibration and step of the process (a
+    host of many calibrations has no calibration of its own: None)."""
 
     def processor(_logger: Any, _name: str, event_dict: EventDict) -> EventDict:
-        event_dict.setdefault("calibration", calibration)
+        if calibration is not None:
+            event_dict.setdefault("calibration", calibration)
         event_dict.setdefault("step", step)
         return event_dict
 
@@ -472,40 +477,115 @@ def setup_logging(
 
     Calling it again (tests, reload) replaces the handlers it installed before.
     """
+    root = _fresh_root()
+    context = _process_context(calibration, step)
+    if log_dir is not None:
+        for handler in _file_handlers(log_dir / calibration, step, context):
+            root.addHandler(_tagged(handler))
+    if console:
+        root.addHandler(_tagged(_console_handler(step, context, console_level)))
+    structlog.contextvars.bind_contextvars(calibration=calibration, step=step)
+    return get_logger(f"calloop.{step}")
+
+
+def setup_hosted_logging(
+    log_dir: Path | None,
+    step: str,
+    *,
+    console: bool = True,
+    console_level: int = logging.INFO,
+) -> CalibrationRouter | None:
+    """Configure the process's logging for a host of many daemons of one step
+    (``calloop step2 --all``, :mod:`loop.hosting`): each record goes to the files of its
+    calibration, exactly those a daemon of its own writes (:class:`CalibrationRouter`),
+    and the console gets every record. Returns the router (None without ``log_dir``)."""
+    root = _fresh_root()
+    router = None
+    if log_dir is not None:
+
+        def files(calibration: str | None) -> list[logging.Handler]:
+            directory = log_dir / (calibration or HOST_LOG_DIR)
+            return _file_handlers(directory, step, _process_context(calibration, step))
+
+        router = CalibrationRouter(files)
+        root.addHandler(_tagged(router))
+    if console:
+        root.addHandler(
+            _tagged(_console_handler(step, _process_context(None, step), console_level))
+        )
+    structlog.contextvars.bind_contextvars(step=step)
+    return router
+
+
+HOST_LOG_DIR = "_host"
+"""The log directory, beside the calibrations' own, of a host's records that belong to no
+calibration (its own lines, library records from shared threads): no calibration name
+starts with an underscore."""
+SAFE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+"""A calibration name (see :class:`loop.config.CalibrationConfig`), hence a safe
+directory name; a record claiming another goes to the host's files."""
+
+
+class CalibrationRouter(logging.Handler):
+    """Send each record to the handlers of its calibration, opened at its first record.
+
+    The calibration is the record's bound ``calibration`` (structlog's event dict holds
+    the logger's bound fields and the emitting thread's contextvars); a stdlib record of
+    a library has none of its own, and takes the emitting thread's contextvars, which a
+    hosted daemon's thread binds. Records of no calibration (or of a name that is no
+    calibration name) go to the files of :data:`HOST_LOG_DIR`. ``make(name)`` builds the
+    handler set of a calibration (``None``: the host's)."""
+
+    def __init__(self, make: Callable[[str | None], list[logging.Handler]]) -> None:
+        super().__init__()
+        self.make = make
+        self._sets: dict[str | None, list[logging.Handler]] = {}
+        self._sets_lock = threading.Lock()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        for handler in self._handlers(_calibration_of(record)):
+            if record.levelno >= handler.level:  # the logger checks levels, not handle()
+                handler.handle(record)
+
+    def _handlers(self, calibration: str | None) -> list[logging.Handler]:
+        with self._sets_lock:
+            handlers = self._sets.get(calibration)
+            if handlers is None:
+                handlers = self._sets[calibration] = self.make(calibration)
+            return handlers
+
+    def close_calibration(self, calibration: str) -> None:
+        """Close the files of ``calibration`` (it is no longer hosted); a later record
+        of it opens them again."""
+        with self._sets_lock:
+            handlers = self._sets.pop(calibration, [])
+        for handler in handlers:
+            handler.close()
+
+    def close(self) -> None:
+        with self._sets_lock:
+            sets, self._sets = list(self._sets.values()), {}
+        for handlers in sets:
+            for handler in handlers:
+                handler.close()
+        super().close()
+
+
+def _calibration_of(record: logging.LogRecord) -> str | None:
+    if isinstance(record.msg, dict):  # structlog's event dict
+        value = record.msg.get("calibration")
+    else:
+        value = structlog.contextvars.get_contextvars().get("calibration")
+    return value if isinstance(value, str) and SAFE_NAME.match(value) else None
+
+
+def _fresh_root() -> logging.Logger:
+    """The root logger without the handlers installed before, libraries quietened,
+    no context bound."""
     configure_structlog()
     root = logging.getLogger()
     _remove_our_handlers(root)
     root.setLevel(logging.DEBUG)
-    context = _process_context(calibration, step)
-    # where an operator looks (level files, console): the cause in one line, no traceback
-    brief = _without_traceback(f"{step}_ALL.log")
-    if log_dir is not None:
-        directory = log_dir / calibration
-        directory.mkdir(parents=True, exist_ok=True)
-        all_handler = DiskSafeFileHandler(directory / f"{step}_ALL.log")
-        all_handler.setFormatter(
-            _formatter(render_line, context, structlog.processors.format_exc_info)
-        )
-        root.addHandler(_tagged(all_handler))
-        for name in LEVEL_FILES:
-            handler = _limited(DiskSafeFileHandler(directory / f"{step}_{name}.log"))
-            # DEBUG is dropped before the filters run: it costs the two files that keep
-            # it (_ALL, jsonl), not six handlers. INFO still reaches every level file, so
-            # that a state change brings the summaries of ended repeats (RepeatFilter)
-            handler.setLevel(logging.INFO)
-            handler.addFilter(ExactLevelFilter(logging.getLevelName(name)))
-            handler.setFormatter(_formatter(render_line, context, brief))
-            root.addHandler(_tagged(handler))
-        json_handler = DiskSafeFileHandler(directory / f"{step}.jsonl")
-        json_handler.setFormatter(
-            _formatter(structlog.processors.JSONRenderer(), context, _DICT_TRACEBACKS)
-        )
-        root.addHandler(_tagged(json_handler))
-    if console:
-        stream = _limited(ConsoleHandler(sys.stderr))
-        stream.setLevel(console_level)
-        stream.setFormatter(_formatter(render_console, context, brief))
-        root.addHandler(_tagged(stream))
     # watchdog logs every inotify event at DEBUG: noise, not information, for an expert
     logging.getLogger("watchdog").setLevel(logging.INFO)
     # urllib3 logs every pooled connection it resets (a quarter of _ALL.log in the demo)
@@ -514,8 +594,39 @@ def setup_logging(
     # calloop logs one structured line per state change itself (persist_and_log)
     logging.getLogger("transitions").setLevel(logging.WARNING)
     structlog.contextvars.clear_contextvars()
-    structlog.contextvars.bind_contextvars(calibration=calibration, step=step)
-    return get_logger(f"calloop.{step}")
+    return root
+
+
+def _file_handlers(directory: Path, step: str, context: Processor) -> list[logging.Handler]:
+    """The log files of one daemon in ``directory`` (see the module docstring)."""
+    # where an operator looks (level files): the cause in one line, no traceback
+    brief = _without_traceback(f"{step}_ALL.log")
+    directory.mkdir(parents=True, exist_ok=True)
+    all_handler = DiskSafeFileHandler(directory / f"{step}_ALL.log")
+    all_handler.setFormatter(_formatter(render_line, context, structlog.processors.format_exc_info))
+    handlers: list[logging.Handler] = [all_handler]
+    for name in LEVEL_FILES:
+        handler = _limited(DiskSafeFileHandler(directory / f"{step}_{name}.log"))
+        # DEBUG is dropped before the filters run: it costs the two files that keep
+        # it (_ALL, jsonl), not six handlers. INFO still reaches every level file, so
+        # that a state change brings the summaries of ended repeats (RepeatFilter)
+        handler.setLevel(logging.INFO)
+        handler.addFilter(ExactLevelFilter(logging.getLevelName(name)))
+        handler.setFormatter(_formatter(render_line, context, brief))
+        handlers.append(handler)
+    json_handler = DiskSafeFileHandler(directory / f"{step}.jsonl")
+    json_handler.setFormatter(
+        _formatter(structlog.processors.JSONRenderer(), context, _DICT_TRACEBACKS)
+    )
+    handlers.append(json_handler)
+    return handlers
+
+
+def _console_handler(step: str, context: Processor, level: int) -> logging.Handler:
+    stream = _limited(ConsoleHandler(sys.stderr))
+    stream.setLevel(level)
+    stream.setFormatter(_formatter(render_console, context, _without_traceback(f"{step}_ALL.log")))
+    return stream
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:

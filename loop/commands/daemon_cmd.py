@@ -1,4 +1,5 @@
-"""``calloop step2|step3|step4 -c <Calibration>``, ``calloop status`` and ``calloop graph``."""
+"""``calloop step2|step3|step4 -c <Calibration>`` (or ``--all``), ``calloop status`` and
+``calloop graph``."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Any, NoReturn
 from loop.commands.common import add_json_flag, emit, when
 from loop.config import LoopConfig, default_config_dir, load_loop_config
 from loop.errors import CalloopError, ConfigError
-from loop.logs import setup_logging
+from loop.logs import setup_hosted_logging, setup_logging
 from states import STEPS
 
 # sysexits.h EX_CONFIG: restarting cannot help until someone fixes the file, so the
@@ -36,8 +37,17 @@ def loop_config_from(args: argparse.Namespace) -> LoopConfig:
 def register(subparsers: Any) -> None:
     """Add the daemon commands, ``status`` and ``graph``."""
     for step in STEPS:
-        parser = subparsers.add_parser(step, help=f"run the {step} daemon of one calibration")
-        parser.add_argument("-c", "--calibration", required=True, help="calibration name")
+        parser = subparsers.add_parser(
+            step, help=f"run the {step} daemon of one calibration, or of every one (--all)"
+        )
+        which = parser.add_mutually_exclusive_group(required=True)
+        which.add_argument("-c", "--calibration", help="calibration name")
+        which.add_argument(
+            "--all",
+            action="store_true",
+            help="one process hosting the daemon of every calibration YAML of the "
+            "calibrations directory (SIGHUP hosts added ones and stops removed ones)",
+        )
         add_config_option(parser)
         parser.add_argument(
             "--quiet",
@@ -59,15 +69,28 @@ def register(subparsers: Any) -> None:
 
 
 def run_daemon(args: argparse.Namespace) -> int:
-    """Run one daemon in the foreground (tmux or systemd) until SIGTERM, then end the
-    process at once (see :func:`exit_now`). An invalid loop.yaml or calibration YAML at
-    start is one line and :data:`EXIT_CONFIG`, which the units exclude from restarts."""
+    """Run one daemon (or with ``--all`` the host of every calibration's daemon of the
+    step, :mod:`loop.hosting`) in the foreground (tmux or systemd) until SIGTERM, then
+    end the process at once (see :func:`exit_now`). An invalid loop.yaml, or the
+    calibration YAML of a single daemon, at start is one line and :data:`EXIT_CONFIG`,
+    which the units exclude from restarts; a host reports an invalid calibration YAML
+    in that calibration's log and status, and retries it."""
     from loop.daemon import Daemon
+    from loop.hosting import Host
 
     path = args.config or default_config_dir() / "loop.yaml"
     try:
         loop_config = load_loop_config(path)
         level = logging.CRITICAL if args.quiet else logging.INFO
+        if args.all:
+            router = setup_hosted_logging(loop_config.log_dir, args.step, console_level=level)
+            host = Host(
+                args.step,
+                loop_config,
+                loop_config_path=path,
+                on_removed=router.close_calibration if router is not None else lambda _name: None,
+            )
+            exit_now(host.run_forever())
         setup_logging(loop_config.log_dir, args.calibration, args.step, console_level=level)
         daemon = Daemon(args.step, loop_config, args.calibration, loop_config_path=path)
         code = daemon.run_forever()
@@ -146,6 +169,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             attention = r.get("runs_needing_attention") or {}
             if attention:
                 extra += " | NEEDS ATTENTION " + ", ".join(f"{k}:{v}" for k, v in attention.items())
+            if r.get("state") == "failed":
+                extra += f" | FAILED {r.get('error', '')}"
             if r.get("degraded_reason"):
                 extra += f" | DEGRADED {r['degraded_reason']}"
             for service in ("registry", "conditions_db"):
@@ -172,7 +197,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def needs_operator(row: dict[str, Any]) -> bool:
     """A daemon's status that an operator must look at (the exit status of ``status``,
-    for monitoring scripts): dead or degraded, runs needing attention, a service down."""
+    for monitoring scripts): dead, degraded or failed (a hosted calibration that does
+    not run, :mod:`loop.hosting`), runs needing attention, a service down."""
     dead = row.get("state") in LIVE_STATES and not row.get("alive")
     unreachable = any(
         (row.get(service) or {}).get("reachable") is False
@@ -180,7 +206,7 @@ def needs_operator(row: dict[str, Any]) -> bool:
     )
     return (
         dead
-        or row.get("state") == "degraded"
+        or row.get("state") in ("degraded", "failed")
         or bool(row.get("runs_needing_attention"))
         or unreachable
     )
