@@ -123,9 +123,10 @@ def keys(model: type[BaseModel], live: tuple[str, ...], prefix: str = "") -> Ite
 
 
 def _liveness(path: str, live: tuple[str, ...], children: list[Key]) -> str:
-    if not restart_keys([path], live):
-        return "yes"
-    return "partly" if any(child.live != "no" for child in children) else "no"
+    mine = "no" if restart_keys([path], live) else "yes"
+    if children and any(child.live != mine for child in children):
+        return "partly"  # e.g. a live section with restart-only keys, or the reverse
+    return mine
 
 
 def _section(annotation: Any) -> type[BaseModel] | None:
@@ -157,6 +158,8 @@ def _type_name(annotation: Any) -> str:
         return f"list of {_type_name(args[0])}"
     if origin is dict:
         return f"map of {_type_name(args[0])} to {_type_name(args[1])}"
+    if origin is tuple:  # a fixed-length list, e.g. a [min, max] range
+        return f"[{', '.join(_type_name(arg) for arg in args)}]"
     if origin is Literal:
         return " | ".join(json.dumps(arg) for arg in args)
     if origin in (Union, types.UnionType):

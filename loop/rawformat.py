@@ -30,7 +30,7 @@ import numpy as np
 from loop.errors import CalloopError
 from loop.fsutil import atomic_path
 
-TRIGGER_CODES = {"pedestal": 0, "physics": 1}
+TRIGGER_CODES = {"pedestal": 0, "physics": 1, "led": 2}
 FRAME_DTYPES = (np.dtype(np.uint16), np.dtype(np.float32), np.dtype(np.float64))
 RAW_NAME = re.compile(r"^run(?P<run>\d+)_ls(?P<ls>\d+)\.h5$")
 

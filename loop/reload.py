@@ -31,6 +31,17 @@ LIVE_CALIBRATION_KEYS = (
 (watched directory), ``payload`` (a run's harvests go to one tag and store type),
 ``backend`` and ``depends_on``."""
 
+ACCUMULATION_LAYOUT_KEYS = (
+    "step3.histogram",
+    "parameters.bins",
+    "parameters.low",
+    "parameters.high",
+)
+"""Keys under a live section that are restart-only all the same: they fix the layout of
+the accumulations (histogram binning: ``step3.histogram``, and by the kinds' convention
+``parameters.bins/low/high``), and a run's accumulations made before and after a change
+could not be merged (or would merge into a wrong histogram without an error)."""
+
 LIVE_LOOP_KEYS = (
     "lookback_hours",
     "poll.registry_s",
@@ -61,5 +72,15 @@ def _diff(old: Any, new: Any, prefix: str) -> list[str]:
 
 
 def restart_keys(changed: list[str], live: tuple[str, ...]) -> list[str]:
-    """The changed keys that are not live (pure)."""
-    return [k for k in changed if not any(k == p or k.startswith(p + ".") for p in live)]
+    """The changed keys that are not live (pure): outside the ``live`` sections, or an
+    accumulation layout key (:data:`ACCUMULATION_LAYOUT_KEYS`) within one."""
+    return [
+        k
+        for k in changed
+        if not any(_under(k, p) for p in live)
+        or any(_under(k, p) for p in ACCUMULATION_LAYOUT_KEYS)
+    ]
+
+
+def _under(key: str, prefix: str) -> bool:
+    return key == prefix or key.startswith(prefix + ".")

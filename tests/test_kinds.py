@@ -120,11 +120,13 @@ def test_the_builtin_kinds_resolve_through_the_entry_point_group() -> None:
     assert {ep.name: ep.value for ep in entry_points} == {
         "pedestals": "workers.kinds.pedestals:Pedestals",
         "bad_channels": "workers.kinds.bad_channels:BadChannels",
+        "pmt_gain": "workers.kinds.pmt_gain:PmtGain",
+        "occupancy": "workers.kinds.occupancy:Occupancy",
     }
-    assert builtin_kinds() == ["bad_channels", "pedestals"]
+    assert builtin_kinds() == ["bad_channels", "occupancy", "pedestals", "pmt_gain"]
     assert isinstance(get_kind("pedestals"), Pedestals)
     assert isinstance(get_kind("bad_channels"), BadChannels)
-    for name in builtin_kinds():
+    for name in ("pedestals", "bad_channels"):
         kind = get_kind(name)
         assert kind.Parameters().model_dump() == {  # both classify channels
             "dead_max_noise": 0.5,
@@ -140,7 +142,7 @@ def test_an_unknown_kind_names_the_known_ones() -> None:
         get_kind("pedestal")
     message = str(caught.value)
     assert "unknown calibration kind 'pedestal'" in message
-    assert "known kinds: bad_channels, pedestals" in message
+    assert "known kinds: bad_channels, occupancy, pedestals, pmt_gain" in message
     assert "did you mean 'pedestals'?" in message
 
 
@@ -172,7 +174,7 @@ def test_an_unknown_kind_in_a_calibration_names_file_line_and_known_kinds(tmp_pa
     [problem] = caught.value.problems
     assert problem.startswith(f"{path}: kind (line {_line(path, 'kind: nosuch')}): ")
     assert "unknown calibration kind 'nosuch'" in problem
-    assert "known kinds: bad_channels, pedestals" in problem
+    assert "known kinds: bad_channels, occupancy, pedestals, pmt_gain" in problem
 
 
 def test_a_parameter_error_names_file_key_and_line(tmp_path: Path) -> None:

@@ -76,7 +76,7 @@ class ChannelStats:
         mean = values.mean(axis=0)
         hist = None
         if histogram is not None:
-            index = _bin_index(values, histogram)
+            index = bin_index(values, histogram)
             hist = np.zeros((channels, histogram[0]), dtype=np.int64)
             np.add.at(hist, (np.broadcast_to(np.arange(channels), index.shape), index), 1)
         return cls(
@@ -128,7 +128,7 @@ class ChannelStats:
         return self.occupancy / self.count if self.count else np.zeros_like(self.mean)
 
 
-def _bin_index(values: np.ndarray, histogram: tuple[int, float, float]) -> np.ndarray:
+def bin_index(values: np.ndarray, histogram: tuple[int, float, float]) -> np.ndarray:
     """Histogram bin of every value (under- and overflow go to the edge bins)."""
     bins, low, high = histogram
     return np.clip(((values - low) / (high - low) * bins).astype(np.int64), 0, bins - 1)
@@ -175,7 +175,7 @@ def _integer_stats(
     adc = np.arange(np.iinfo(frames.dtype).max + 1, dtype=np.float64)
     above = adc > threshold  # monotonic in the value: occupied <=> value >= first
     first = int(np.argmax(above)) if above.any() else None
-    lookup = None if histogram is None else _bin_index(adc, histogram)
+    lookup = None if histogram is None else bin_index(adc, histogram)
     total = np.zeros(channels, dtype=np.int64)
     low = np.full(channels, np.iinfo(frames.dtype).max, dtype=frames.dtype)
     high = np.zeros(channels, dtype=frames.dtype)

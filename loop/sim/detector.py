@@ -6,17 +6,22 @@ noisy ones have several times the noise, hot ones fire in most physics events. E
 are a mix of pedestal triggers (empty events) and physics triggers (occasional hits of
 a few hundred ADC). The truth is saved beside the raw files so tests and the demo can
 check that a calibration found it.
+
+A detector of ``type: pmt`` is simulated by :mod:`loop.sim.pmt`; the ``*_detector_*``
+functions at the bottom serve either type.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from loop.fsutil import atomic_path
 from loop.rawformat import TRIGGER_CODES, RawLS
+from loop.sim.pmt import PmtTruth, generate_pmt_ls, make_pmt_truth, save_pmt_truth
 from loop.sim.scenario import DetectorSpec
 from workers.algorithms import ChannelStatus
 
@@ -101,3 +106,47 @@ def load_truth(stream_dir: Path) -> Truth:
     """Read a stream's saved truth."""
     with np.load(truth_path(stream_dir)) as data:
         return Truth(pedestal=data["pedestal"], noise=data["noise"], status=data["status"])
+
+
+DetectorTruth = Truth | PmtTruth
+"""The truth of a detector of either type."""
+
+
+def make_detector_truth(spec: DetectorSpec, seed: int) -> DetectorTruth:
+    """The truth of a detector of ``spec``'s type, fixed by ``seed``."""
+    return make_pmt_truth(spec, seed) if spec.type == "pmt" else make_truth(spec, seed)
+
+
+def generate_detector_ls(
+    spec: DetectorSpec,
+    truth: DetectorTruth,
+    *,
+    detector: str,
+    run: int,
+    ls: int,
+    seed: int,
+    start_time: float,
+    end_time: float,
+) -> RawLS:
+    """One lumisection of a detector of either type; deterministic in (seed, run, ls)."""
+    generate = (
+        partial(generate_pmt_ls, spec, truth)
+        if isinstance(truth, PmtTruth)
+        else partial(generate_ls, spec, truth)
+    )
+    return generate(
+        detector=detector,
+        run=run,
+        ls=ls,
+        seed=seed,
+        start_time=start_time,
+        end_time=end_time,
+    )
+
+
+def save_detector_truth(stream_dir: Path, truth: DetectorTruth) -> None:
+    """Write the truth of a detector of either type beside its raw files."""
+    if isinstance(truth, PmtTruth):
+        save_pmt_truth(stream_dir, truth)
+    else:
+        save_truth(stream_dir, truth)

@@ -27,7 +27,12 @@ from loop.logs import get_logger
 from loop.rawformat import raw_path, write_raw_ls
 from loop.registry import iso
 from loop.sim import jobfaults
-from loop.sim.detector import Truth, generate_ls, make_truth, save_truth
+from loop.sim.detector import (
+    DetectorTruth,
+    generate_detector_ls,
+    make_detector_truth,
+    save_detector_truth,
+)
 from loop.sim.scenario import Event, RawFaultSpec, RawFile, Scenario, timeline
 from loop.sim.state import RegistryState
 
@@ -100,8 +105,8 @@ class Player:
         self.speed = speed
         self._clock = clock
         self._sleep = sleep
-        self.truths: dict[str, Truth] = {
-            name: make_truth(spec, detector_seed(scenario, name))
+        self.truths: dict[str, DetectorTruth] = {
+            name: make_detector_truth(spec, detector_seed(scenario, name))
             for name, spec in scenario.detectors.items()
         }
         self.state = RegistryState.load(state_file)
@@ -119,7 +124,7 @@ class Player:
         for name, truth in self.truths.items():
             stream = self.raw_root / name
             stream.mkdir(parents=True, exist_ok=True)
-            save_truth(stream, truth)
+            save_detector_truth(stream, truth)
         self.state.faults = [
             {
                 "target": f.target,
@@ -206,7 +211,7 @@ class Player:
         spec = self.scenario.detectors[file.detector]
         start, end = self._slots[file]
         seed = detector_seed(self.scenario, file.detector)
-        content = generate_ls(
+        content = generate_detector_ls(
             spec,
             self.truths[file.detector],
             detector=file.detector,

@@ -40,9 +40,23 @@ FAULT_KINDS: dict[str, tuple[str, ...]] = {
 }
 
 
-class DetectorSpec(StrictModel):
-    """A simulated detector writing one raw stream."""
+ADC_ONLY = ("pedestal_fraction", "dead", "noisy", "hot", "occupancy", "hot_occupancy")
+PMT_ONLY = ("gain_mean", "gain_spread", "spe_width", "mu", "out_of_range")
 
+
+class DetectorSpec(StrictModel):
+    """A simulated detector writing one raw stream.
+
+    ``type: adc`` (:mod:`loop.sim.detector`): channels with a pedestal and a noise, a few
+    of them dead, noisy or hot, in pedestal- and physics-trigger events. ``type: pmt``
+    (:mod:`loop.sim.pmt`): photomultipliers lit by an LED, every event an ``led``
+    trigger; each channel is one PMT with a pedestal (``pedestal_mean``,
+    ``pedestal_spread``) of width in ``[noise_low, noise_high]`` and a gain, and
+    ``out_of_range`` PMTs have a gain outside the healthy range
+    (:func:`loop.sim.pmt.healthy_gain`). A key of the other type is an error.
+    """
+
+    type: Literal["adc", "pmt"] = "adc"
     channels: int = Field(256, ge=8)
     events_per_ls: int = Field(80, ge=1)
     pedestal_fraction: float = Field(0.5, gt=0, le=1)
@@ -55,11 +69,24 @@ class DetectorSpec(StrictModel):
     noise_high: float = 4.0
     occupancy: float = Field(0.005, ge=0, le=1)
     hot_occupancy: float = Field(0.5, ge=0, le=1)
+    gain_mean: float = Field(40.0, gt=0, description="pmt: mean gain, ADC per photoelectron")
+    gain_spread: float = Field(3.0, gt=0, description="pmt: rms of the healthy PMTs' gains")
+    spe_width: float = Field(0.3, gt=0, le=1, description="pmt: single-photoelectron width / gain")
+    mu: float = Field(1.0, gt=0, le=4, description="pmt: mean photoelectrons per LED event")
+    out_of_range: int = Field(2, ge=0, description="pmt: PMTs outside the healthy gain range")
 
     @model_validator(mode="after")
     def _bad_fit(self) -> DetectorSpec:
-        if self.dead + self.noisy + self.hot > self.channels:
+        others = PMT_ONLY if self.type == "adc" else ADC_ONLY
+        misplaced = [key for key in others if key in self.model_fields_set]
+        if misplaced:
+            raise ValueError(
+                f"{', '.join(misplaced)} do not apply to a detector of type {self.type}"
+            )
+        if self.type == "adc" and self.dead + self.noisy + self.hot > self.channels:
             raise ValueError("dead + noisy + hot exceeds the number of channels")
+        if self.type == "pmt" and self.out_of_range > self.channels:
+            raise ValueError("out_of_range exceeds the number of channels")
         return self
 
 

@@ -26,7 +26,9 @@ and register it in the package's metadata (``pyproject.toml``)::
     [project.entry-points."calloop.kinds"]
     gains = "mypackage.gains:Gains"
 
-The entry-point name is the kind's name in the YAML. Accumulations are
+The entry-point name is the kind's name in the YAML. A kind that histograms names the
+binning ``parameters.bins``, ``low`` and ``high``: those keys are restart-only (a SIGHUP
+cannot change the layout of a run's accumulations, :mod:`loop.reload`). Accumulations are
 :data:`~workers.accumulators.Accumulators` (mergeable :class:`ChannelStats` under names the
 kind chooses, trigger types by convention), so they are stored in the ALCA outputs and the
 harvest state like the built-ins'. Hooks must be deterministic: a re-harvest of the same
