@@ -23,9 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-import numpy as np
-
-from loop.conddb.client import ConditionsDB
+from loop.conddb.client import Conditions, ConditionsDB
 from loop.conddb.db import ConditionsDatabase
 from loop.config import (
     CalibrationConfig,
@@ -37,10 +35,9 @@ from loop.config import (
 from loop.errors import CalloopError, StoreError
 from loop.fsutil import atomic_write_text
 from loop.journal import Journal
-from loop.sim.detector import load_truth
 from loop.sim.scenario import Scenario, load_scenario
-from loop.store import CalibStore, Validity
-from workers.algorithms import ChannelStatus
+from loop.sim.truth import compare
+from loop.store import CalibStore
 
 REPO_CONFIG = Path(__file__).resolve().parent.parent / "config"
 FINAL_STEP2 = ("Done", "Skipped")
@@ -335,6 +332,7 @@ class RunSummary:
     calibration: str
     run: int
     step2: str
+    step4: str
     ls_seen: int
     ls_processed: int
     jobs: str  # succeeded/given up per step
@@ -342,27 +340,6 @@ class RunSummary:
     uploads: int
     truth: str
     ok: bool
-
-
-def _truth_check(
-    cal: CalibrationConfig, array: np.ndarray, summary: dict[str, Any], raw_root: Path
-) -> tuple[str, bool]:
-    truth = load_truth(raw_root / cal.raw_input.stream)
-    true_bad = set(np.flatnonzero(truth.status != ChannelStatus.GOOD).tolist())
-    if cal.kind == "bad_channels":
-        found = set(np.flatnonzero(array != ChannelStatus.GOOD).tolist())
-        same = bool(np.array_equal(array, truth.status))
-        return f"bad channels found {len(found)}/{len(true_bad)} true, exact={same}", same
-    good = truth.status == ChannelStatus.GOOD
-    events = max(int(summary.get("events", 1)), 1)
-    pull = np.abs(array[0][good] - truth.pedestal[good]) / (truth.noise[good] / np.sqrt(events))
-    noise_err = np.abs(array[1][good] / truth.noise[good] - 1)
-    found = set(summary.get("bad_list", []))
-    ok = bool(pull.max() < 6 and noise_err.max() < 0.3 and found == true_bad)
-    return (
-        f"pedestal max pull {pull.max():.1f}, noise max err {noise_err.max():.0%}, "
-        f"bad {len(found & true_bad)}/{len(true_bad)}"
-    ), ok
 
 
 def summarize(
@@ -381,10 +358,6 @@ def summarize(
             s: Journal(loop_config.work_dir / name / f"{s}.journal.sqlite")
             for s in ("step2", "step3", "step4")
         }
-        try:
-            iovs = {i.since for i in conditions.iovs(cal.payload.destination_tag, history=True)}
-        except CalloopError:
-            iovs = set()
         for spec in scenario.runs:
             rows.append(
                 _summarize_run(
@@ -393,7 +366,7 @@ def summarize(
                     spec.run_number,
                     journals=journals,
                     store=store,
-                    iovs=iovs,
+                    conditions=conditions,
                     loop_config=loop_config,
                 )
             )
@@ -411,7 +384,7 @@ def _summarize_run(
     *,
     journals: dict[str, Journal],
     store: CalibStore,
-    iovs: set[int],
+    conditions: Conditions,
     loop_config: LoopConfig,
 ) -> RunSummary:
     state = journals["step2"].run_state(run) or "unseen"
@@ -426,6 +399,7 @@ def _summarize_run(
         name,
         run,
         state,
+        journals["step4"].run_state(run) or "-",
         journals["step2"].input_count(run),
         processed,
         jobs,
@@ -437,31 +411,55 @@ def _summarize_run(
     if state != "Done":
         return base
     detector = store.detector(cal.detector, create=True)
+    rejected = journals["step4"].run_state(run) == "Rejected"
     try:
-        versions = detector.versions(cal.payload.ctype, Validity(begin_run=run).name())
-        final = detector.get(cal.payload.ctype, run=run)
+        final = _final_payload(detector, cal, run, loop_config, rejected=rejected)
+        versions = detector.versions(cal.payload.ctype, final.range)
     except StoreError as exc:
         base.truth = f"no payload: {exc}"
         return base
     uploads = len(journals["step4"].uploads(states=("done",), run=run))
-    truth, ok = _truth_check(
-        cal, final.array, final.metadata.get("quality", {}), loop_config.raw_root
-    )
-    base.versions, base.uploads, base.truth = len(versions), uploads, truth
-    base.ok = ok and run in iovs and processed == base.ls_seen
+    truth = compare(cal, final.array, final.metadata.get("quality", {}), loop_config.raw_root)
+    base.versions, base.uploads, base.truth = len(versions), uploads, truth.text
+    # a payload the truth says must be refused is right to be Rejected, not uploaded
+    placed = rejected if truth.refuse else _resolvable(conditions, cal, run)
+    base.ok = truth.ok and placed and processed == base.ls_seen
     return base
+
+
+def _final_payload(
+    detector: Any, cal: CalibrationConfig, run: int, loop_config: LoopConfig, *, rejected: bool
+) -> Any:
+    """The payload in force for the run (maybe from an earlier run on), or the final
+    one of a Rejected run (retired: read by its version)."""
+    if not rejected:
+        return detector.get(cal.payload.ctype, run=run)
+    summary = loop_config.work_dir / cal.name / f"run{run}" / "step4" / "summary.json"
+    version = json.loads(summary.read_text())["final_version"]
+    return detector.get(cal.payload.ctype, version=version)
+
+
+def _resolvable(conditions: Conditions, cal: CalibrationConfig, run: int) -> bool:
+    """An IOV of the calibration's tag covers the run (its first LS)."""
+    ls = 1 if cal.payload.time_type == "lumi" else None
+    try:
+        conditions.resolve(tag=cal.payload.destination_tag, run=run, ls=ls)
+    except CalloopError:
+        return False
+    return True
 
 
 def format_table(rows: list[RunSummary]) -> str:
     """The summary as aligned text."""
+    width = max([len("calibration"), *(len(r.calibration) for r in rows)])
     header = (
-        f"{'calibration':<14} {'run':>7} {'step2':<8} {'LS seen/proc':>12} "
+        f"{'calibration':<{width}} {'run':>7} {'step2':<8} {'step4':<9} {'LS seen/proc':>12} "
         f"{'jobs ok/failed s2 s3 s4':<24} {'versions':>8} {'uploads':>7}  truth"
     )
     lines = [header, "-" * len(header)]
     for r in rows:
         lines.append(
-            f"{r.calibration:<14} {r.run:>7} {r.step2:<8} "
+            f"{r.calibration:<{width}} {r.run:>7} {r.step2:<8} {r.step4:<9} "
             f"{f'{r.ls_seen}/{r.ls_processed}':>12} {r.jobs:<24} {r.versions:>8} "
             f"{r.uploads:>7}  {r.truth} {'OK' if r.ok else 'MISMATCH'}"
         )

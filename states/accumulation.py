@@ -5,16 +5,18 @@ harvest short of them (nothing stored, nothing uploaded). With ``across_runs``, 
 that ends short hands its merged statistics on: step 4 closes it ``Done`` with the
 outcome ``carried`` and records a :class:`Carry` (the runs so far, their events, a copy
 of the last harvest's ``state.h5``). The next run of the calibration waits in
-``WaitingForDependencies`` until every earlier run is finished in step 4, takes the
-carry of the newest one, and its harvests start from that state instead of from
-nothing. Its first harvest that reaches ``min_events`` is stored and uploaded as one
+``WaitingForDependencies`` until every earlier run its step 2 has seen is finished (in
+step 4, or stopped before it: :func:`states.dependencies.dependency_state`), takes the
+carry of the newest one step 4 finished, and its harvests start from that state instead
+of from nothing. Its first harvest that reaches ``min_events`` is stored and uploaded as one
 payload valid from the first run of the range, open-ended, whose metadata names every
 run used (``source_runs``); the next run starts a new range.
 
-The chain follows the runs in the order step 4 finishes them (run-number order when
-runs end in order). An earlier run that ends any other way than ``Done`` (Failed,
-Skipped, Rejected, UploadRefused) breaks the chain: its statistics are not carried, and
-the next run starts a new range (a Failed run retried later closes into its own range).
+The chain follows run numbers, whatever order the runs' jobs finish in. A run that
+ends in step 4 any other way than ``Done`` (Failed, Skipped, Rejected, UploadRefused)
+breaks the chain: its statistics are not carried, and the next run starts a new range (a
+Failed run retried later closes into its own range). A run that never reaches step 4
+(not selected, or stopped in step 2 or 3) is passed over.
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ CARRY = "carry.json"
 """A run's inherited statistics (``run<R>/step4/``): where they came from."""
 CARRIED_STATE = "carried_state.h5"
 """The copy of the statistics a run hands on (its own ``run<R>/step4/``)."""
-FINAL = ("Done", "Rejected", "UploadRefused", "Skipped", "Failed")
 
 
 @dataclass(frozen=True)
@@ -53,12 +54,6 @@ class Carry:
         """One phrase for logs and summaries."""
         runs = ", ".join(map(str, self.runs))
         return f"{self.events} events of run(s) {runs}"
-
-
-def earlier_in_flight(runs: list[tuple[int, str]], run: int) -> list[int]:
-    """The runs before ``run`` that step 4 has not finished (pure): ``runs`` is the
-    journal's (run, state) list."""
-    return sorted(r for r, state in runs if r < run and state not in FINAL)
 
 
 def predecessor(runs: list[tuple[int, str]], run: int) -> tuple[int, str] | None:

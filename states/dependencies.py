@@ -114,6 +114,23 @@ def _read_row(journal: Path, run: int) -> tuple[str, dict[str, Any]] | None:
     return None if row is None else (str(row[0]), dict(json.loads(row[1])))
 
 
+def runs_before(work_dir: Path, name: str, run: int) -> list[int]:
+    """The runs before ``run`` that calibration ``name``'s step 2 has seen (read-only;
+    its journal is where every run of the calibration starts), ascending."""
+    journal = work_dir / name / "step2.journal.sqlite"
+    if not journal.exists():
+        return []
+    try:
+        db = sqlite3.connect(f"{journal.as_uri()}?mode=ro", uri=True, timeout=5)
+        try:
+            rows = db.execute("SELECT run FROM runs WHERE run<? ORDER BY run", (run,)).fetchall()
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        raise DependencyError(f"cannot read the journal {journal} ({exc})") from exc
+    return [int(row[0]) for row in rows]
+
+
 def dependency_state(work_dir: Path, name: str, run: int) -> DependencyState:
     """Where calibration ``name`` is with ``run``: its step 4 if it has seen the run,
     else a step 3 or 2 that stopped it, else the furthest step that has it (None: no

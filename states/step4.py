@@ -77,7 +77,6 @@ from loop.runrecord import RunRecord
 from loop.store import CalibStore, Validity
 from states.accumulation import (
     Carry,
-    earlier_in_flight,
     hand_on,
     predecessor,
     read_carry,
@@ -90,6 +89,7 @@ from states.dependencies import (
     dependency_state,
     read_inputs,
     resolve,
+    runs_before,
     stage,
     write_inputs,
 )
@@ -403,7 +403,11 @@ class Step4(FollowsUpstream):
         states = [dependency_state(work_dir, name, run) for name in cal.depends_on]
         waiting = awaited(states, cal.step4.on_dependency_missing)
         if cal.statistics.across_runs:  # statistics are handed on in run order
-            earlier = earlier_in_flight(self.journal.all_runs(), run)
+            earlier = [
+                r
+                for r in runs_before(work_dir, cal.name, run)
+                if not dependency_state(work_dir, cal.name, r).finished
+            ]
             if earlier:
                 listed = ", ".join(map(str, earlier))
                 waiting = (*waiting, f"{cal.name}: earlier run(s) {listed} to finish")

@@ -15,7 +15,7 @@ from loop.conddb.client import ConditionsDB
 from loop.config import load_calibration
 from loop.errors import ConfigError
 from loop.sim.scenario import RunSpec
-from states.accumulation import earlier_in_flight, predecessor
+from states.accumulation import predecessor
 from tests.daemon_harness import harness, scenario
 from tests.helpers import calibration, reference_payload, workspace
 
@@ -28,11 +28,10 @@ def _run(number: int, start: float) -> RunSpec:
     return RunSpec(run_number=number, start=start, ls_seconds=1.0, ls_count=4)
 
 
-def test_the_chain_follows_finished_runs_only() -> None:
+def test_a_run_inherits_from_the_newest_earlier_run() -> None:
     runs = [(1, "Done"), (2, "WaitingForFiles"), (4, "Failed"), (5, "NotRunning")]
-    assert earlier_in_flight(runs, 5) == [2]
-    assert earlier_in_flight(runs, 2) == []
-    assert predecessor(runs, 5) == (4, "Failed") and predecessor(runs, 1) is None
+    assert predecessor(runs, 5) == (4, "Failed") and predecessor(runs, 2) == (1, "Done")
+    assert predecessor(runs, 1) is None
 
 
 def test_across_runs_needs_a_target_and_run_iovs(tmp_path: Path) -> None:

@@ -15,6 +15,8 @@ from loop.sim.scenario import RunSpec
 from tests.daemon_harness import harness, scenario
 from tests.helpers import calibration, reference_payload
 from workers.accumulators import ChannelStats
+from workers.kinds.base import AlgorithmError
+from workers.kinds.occupancy import Occupancy, OccupancyParameters, hit_fraction
 from workers.lumi import LumiGroup, by_lumi, group_of, groups, lumi_key
 
 CAL = "EcalPedestals"
@@ -78,3 +80,21 @@ def test_one_iov_per_ls_group_with_exact_ranges(tmp_path: Path) -> None:
         assert final.array.shape[0] == len(firsts) and final.metadata["rejected_lumi_groups"] == {}
     finally:
         h.stop()
+
+
+def test_occupancy_counts_entries_strictly_above_pedestal_plus_n_noise() -> None:
+    params = OccupancyParameters(pedestals_from="P", bins=20, low=0.0, high=200.0, hot_fraction=0.1)
+    histogram = np.zeros((3, 20), dtype=np.int64)
+    histogram[0, [2, 19]] = [8, 2]  # 20-30 ADC: pedestal; 190+ (and overflow): hits
+    histogram[1, 3] = 5  # a dead channel reads exactly its pedestal, 30, on a bin edge
+    pedestals = np.array([[22.0, 30.0, 0.0], [1.0, 0.0, 1.0]])  # channel 2: no entries
+    fraction = hit_fraction(histogram, pedestals, params)
+    np.testing.assert_allclose(fraction, [0.2, 0.0, 0.0])
+    kind = Occupancy()
+    stats = ChannelStats.empty(3, bins=20)
+    stats.histogram = histogram
+    stats.count = 10
+    payload = kind.finalize({"physics": stats}, params, {"P": pedestals})
+    assert payload.summary["events"] == 10 and payload.summary["hot_channels"] == [0]
+    with pytest.raises(AlgorithmError, match="needs the pedestal payload of P"):
+        kind.finalize({"physics": stats}, params, {})

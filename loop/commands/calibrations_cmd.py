@@ -25,7 +25,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from loop.commands.calibrations_run import derive_target, run_numbers, targets
+from loop.commands.calibrations_run import (
+    derive_target,
+    run_numbers,
+    targets,
+    validation_problems,
+)
 from loop.commands.common import add_json_flag, emit
 from loop.commands.daemon_cmd import add_config_option, loop_config_from
 from loop.config import (
@@ -38,7 +43,7 @@ from loop.config import (
 from loop.errors import CalloopError
 from loop.logs import setup_logging
 from loop.rawformat import raw_path, write_raw_ls
-from loop.sim.detector import generate_ls, make_truth
+from loop.sim.detector import generate_detector_ls, make_detector_truth
 from loop.sim.scenario import DetectorSpec
 from workers.harvest import dependency_option
 from workers.kinds import KindError, get_kind
@@ -399,26 +404,26 @@ def dry_run(
     raw = simulate(config, root / "raw")
     needed = {dep: dependencies[dep] for dep in config.depends_on}
     derived = derive(config, raw, root / config.name, needed)
-    problems = get_kind(config.kind).validate(derived.payload, None, config.validation)
+    problems = validation_problems(config, derived)
     if problems:
         raise StandaloneError(f"the payload fails validation: {'; '.join(problems)}")
     return derived.payload_path, derived.payload
 
 
 def simulate(config: CalibrationConfig, raw_root: Path) -> list[Path]:
-    """A clean detector's run (no bad channel) with enough pedestal events for the
-    calibration's ``validation.min_events``; returns its LS files."""
-    spec = DetectorSpec(
-        channels=config.raw_input.channels,
-        events_per_ls=max(80, config.validation.min_events),
-        dead=0,
-        noisy=0,
-        hot=0,
-    )
-    truth = make_truth(spec, seed=DRY_RUN)
+    """A clean detector's run (no bad channel; PMTs, all healthy, for a calibration of
+    LED events) with enough events for the calibration's ``validation.min_events``;
+    returns its LS files."""
+    events = max(80, config.validation.min_events)
+    channels = config.raw_input.channels
+    if "led" in config.step2.trigger_types:
+        spec = DetectorSpec(type="pmt", channels=channels, events_per_ls=events, out_of_range=0)
+    else:
+        spec = DetectorSpec(channels=channels, events_per_ls=events, dead=0, noisy=0, hot=0)
+    truth = make_detector_truth(spec, seed=DRY_RUN)
     paths = []
     for ls in range(1, DRY_RUN_LS + 1):
-        content = generate_ls(
+        content = generate_detector_ls(
             spec,
             truth,
             detector=config.raw_input.stream,

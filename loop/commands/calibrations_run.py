@@ -31,6 +31,7 @@ from loop.errors import CalloopError, StoreError
 from loop.fsutil import atomic_path, atomic_write_json, sha256_file
 from loop.rawformat import run_dir
 from loop.store import CalibStore
+from states.lumi import validate_groups
 from workers.kinds import get_kind
 from workers.standalone import Derived, derive
 
@@ -107,7 +108,7 @@ def derive_target(
         with atomic_path(target.out / PAYLOAD, ".npy") as copy:
             shutil.copyfile(derived.payload_path, copy)
         atomic_write_json(target.out / SUMMARY, derived.payload.summary)
-        problems = get_kind(config.kind).validate(derived.payload, None, config.validation)
+        problems = validation_problems(config, derived)
         record: dict[str, Any] = {
             "calibration": config.name,
             "kind": config.kind,
@@ -136,6 +137,14 @@ def derive_target(
             record["upload"] = _upload(loop_config, config, derived, target, record["version"])
     atomic_write_json(target.out / PROVENANCE, record)
     return record
+
+
+def validation_problems(config: CalibrationConfig, derived: Derived) -> list[str]:
+    """What the daemons' step 4 would say of the payload: the kind's checks (those of
+    each LS group of a lumi calibration, as :mod:`states.lumi` does)."""
+    if config.payload.time_type == "lumi":
+        return validate_groups(config, derived.payload_path.parent, derived.payload.summary)[0]
+    return get_kind(config.kind).validate(derived.payload, None, config.validation)
 
 
 def _dependencies(

@@ -17,11 +17,11 @@ REPO_CONFIG = Path(__file__).resolve().parent.parent.parent / "config"
 def register(subparsers: Any) -> None:
     """Add ``demo``."""
     demo = subparsers.add_parser(
-        "demo", help="simulated registry + six daemons + quickstart scenario, end to end"
+        "demo",
+        help="simulated registry, the daemons of every shipped calibration whose detector "
+        "the scenario simulates, and the scenario player, end to end",
     )
-    demo.add_argument(
-        "--scenario", type=Path, default=REPO_CONFIG / "scenarios" / "quickstart.yaml"
-    )
+    demo.add_argument("--scenario", type=Path, default=REPO_CONFIG / "scenarios" / "demo.yaml")
     demo.add_argument("--speed", type=float, default=50.0, help="scenario speed factor")
     demo.add_argument("--work-dir", type=Path, help="keep everything here (default: temp dir)")
     demo.add_argument("--timeout", type=float, default=110.0, help="seconds before giving up")

@@ -9,6 +9,7 @@ Pure reads of the store and the step-4 journal; the page (:mod:`loop.web.app`) a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from pydantic import BaseModel
@@ -41,6 +42,27 @@ class PayloadView:
     noise_band: tuple[float, float] | None  # the kind's healthy range, if it has one
     checks: list[Check]
     outside: list[Outside]
+    array: np.ndarray  # what the kind judges and draws (of a lumi payload: one LS group)
+    summary: dict[str, Any]  # its quality summary
+    part: str  # "" or, of a lumi payload, which LS group of how many
+
+
+def judged(
+    constants: Constants, config: CalibrationConfig | None
+) -> tuple[np.ndarray, dict[str, Any], str]:
+    """(array, quality summary, which part) the kind judges of a stored payload: all of
+    it, or of a ``time_type: lumi`` payload (its LS groups stacked, see
+    :mod:`workers.lumi`) the newest group, with that group's own summary."""
+    array = np.asarray(constants.array)
+    quality = constants.metadata.get("quality") or {}
+    if config is None or config.payload.time_type != "lumi":
+        return array, quality, ""
+    groups = [g for g in quality.get("lumi_groups", []) if g.get("file")]
+    if len(groups) != len(array) or not groups:
+        return array, quality, ""
+    last = groups[-1]
+    part = f"LS {last['first_ls']}-{last['last_ls']} (group {len(groups)} of {len(groups)})"
+    return array[-1], last["summary"], part
 
 
 def payload_kind(array: np.ndarray, config: CalibrationConfig | None) -> str:
@@ -81,8 +103,8 @@ def load_payload(
     kind = get_kind(name)
     params = None if config is None else kind.parameters(config)
     validation = None if config is None else config.validation
-    array = np.asarray(constants.array)
-    before = None if previous is None else np.asarray(previous.array)
+    array, quality, part = judged(constants, config)
+    before = None if previous is None else judged(previous, config)[0]
     return PayloadView(
         detector=handle.name,
         ctype=ctype,
@@ -94,10 +116,11 @@ def load_payload(
         uploaded=uploaded,
         versions=versions,
         noise_band=kind.healthy_range(array, params),
-        checks=[]
-        if validation is None
-        else kind.checks(array, constants.metadata.get("quality") or {}, before, validation),
+        checks=[] if validation is None else kind.checks(array, quality, before, validation),
         outside=kind.outside(array, before, params, validation),
+        array=array,
+        summary=quality,
+        part=part,
     )
 
 

@@ -15,7 +15,7 @@ import threading
 
 import numpy as np
 
-from loop.web.payloads import PayloadView
+from loop.web.payloads import PayloadView, judged
 from workers.kinds import get_kind
 from workers.kinds.base import PlotContext
 
@@ -34,11 +34,10 @@ def render(view: PayloadView, fmt: str = "png") -> bytes:
     with _RENDER_LOCK:
         figure = Figure(figsize=(11, 7.5), layout="constrained")
         context = PlotContext(view.params, _compare(view), view.outside)
-        array = np.asarray(view.constants.array)
-        summary = view.constants.metadata.get("quality") or {}
-        get_kind(view.kind).plot(figure, array, summary, context)
+        get_kind(view.kind).plot(figure, view.array, view.summary, context)
         figure.suptitle(
-            f"{view.detector} {view.ctype} {view.constants.version} "
+            f"{view.detector} {view.ctype} {view.constants.version}"
+            f"{f' {view.part}' if view.part else ''} "
             f"(range {view.constants.range}{', retired' if view.constants.retired else ''})"
         )
         buffer = io.BytesIO()
@@ -50,10 +49,9 @@ def _compare(view: PayloadView) -> list[tuple[str, np.ndarray]]:
     """(label, array) of the versions this one is compared with."""
     found = []
     for label, other in (("previous", view.previous), ("uploaded", view.uploaded)):
-        if (
-            other is not None
-            and other.version != view.constants.version
-            and other.array.shape == view.constants.array.shape
-        ):
-            found.append((f"{label} {other.version}", np.asarray(other.array)))
+        if other is None or other.version == view.constants.version:
+            continue
+        array = judged(other, view.config)[0]
+        if array.shape == view.array.shape:
+            found.append((f"{label} {other.version}", array))
     return found
