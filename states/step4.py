@@ -606,11 +606,7 @@ class Step4(FollowsUpstream):
                 self.journal.update_info(run, published=published)
 
     def _publish_one(self, run: int, job: JobRow) -> None:
-        cal = load_frozen(job.job_dir / FROZEN_CONFIG, job.config_sha256 or None)
-        out = job.job_dir / "out"
-        payload = Payload(
-            np.load(out / PAYLOAD, allow_pickle=False), json.loads((out / SUMMARY).read_text())
-        )
+        cal, out, payload = _harvest_output(job)
         if self._held_back(run, job, cal, payload):
             return
         detector = self.store.detector(cal.detector, create=True)
@@ -711,11 +707,7 @@ class Step4(FollowsUpstream):
         job = self.journal.job(run, record.published[-1]) if record.published else None
         if job is None or record.last_version is None:
             raise CommandRefused(f"run {run}: no rejected payload to approve")
-        cal = load_frozen(job.job_dir / FROZEN_CONFIG, job.config_sha256 or None)
-        out = job.job_dir / "out"
-        payload = Payload(
-            np.load(out / PAYLOAD, allow_pickle=False), json.loads((out / SUMMARY).read_text())
-        )
+        cal, _out, payload = _harvest_output(job)
         detector = self.store.detector(cal.detector, create=True)
         version = self._stored_version(detector, cal, run, _harvest_key(cal, job, approved=True))
         if version is None:
@@ -931,6 +923,14 @@ class Step4(FollowsUpstream):
             "last_upload": self.outbox.last_upload,
             "conditions_db": asdict(self.outbox.service),
         }
+
+
+def _harvest_output(job: JobRow) -> tuple[CalibrationConfig, Path, Payload]:
+    """A finished harvest's frozen configuration, output directory and payload."""
+    cal = load_frozen(job.job_dir / FROZEN_CONFIG, job.config_sha256 or None)
+    out = job.job_dir / "out"
+    summary = json.loads((out / SUMMARY).read_text())
+    return cal, out, Payload(np.load(out / PAYLOAD, allow_pickle=False), summary)
 
 
 def _harvest_key(cal: CalibrationConfig, job: JobRow, *, approved: bool = False) -> str:
