@@ -16,6 +16,11 @@ side by side in one run, medians of interleaved repetitions:
   a file holding the same array and fsyncing it;
 * plain h5py reading the same array by path in this process (open+read+close).
 
+``--checkouts A B C`` measures several checkouts side by side in one run, interleaved
+(each size for each checkout in turn, ``--rounds`` times; medians), e.g. a baseline
+against the working tree: ``python benchmarks/store_bench.py --checkouts /work/baseline
+/work/main``.
+
 Goals: cold ``get()`` flat in the number of versions and near the plain-h5py process;
 warm ``get()`` flat; ``add()`` flat and near h5py create+fsync.
 """
@@ -179,32 +184,96 @@ def measure(versions: int, lookups: int, adds: int, colds: int) -> list[object]:
     ]
 
 
+HEADER = [
+    "versions",
+    "cold get own",
+    "cold get proc-import",
+    "cold h5py own",
+    "cold reads/KiB",
+    "warm get p50",
+    "warm get p99",
+    "1st get after write",
+    "h5py open+read+close",
+    "add p50",
+    "add p99",
+    "h5py create+fsync",
+]
+
+
+def measure_checkout(checkout: Path, size: int, args: argparse.Namespace) -> list[object]:
+    """One size measured with another checkout's ``loop`` (this script in a child process
+    with ``PYTHONPATH=<checkout>``, from a directory that is no checkout)."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--row", "--sizes", str(size)]
+    command += ["--lookups", str(args.lookups), "--adds", str(args.adds)]
+    command += ["--colds", str(args.colds)]
+    done = subprocess.run(
+        command,
+        cwd=tempfile.gettempdir(),
+        env={**os.environ, "PYTHONPATH": str(checkout.resolve())},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    row: list[object] = json.loads(done.stdout.splitlines()[-1])
+    return row
+
+
+def median_row(rows: list[list[object]]) -> list[object]:
+    """Column-wise medians of repeated rows (text columns: the first round's)."""
+    return [
+        statistics.median(column) if isinstance(column[0], float) else column[0]  # type: ignore[type-var]
+        for column in zip(*rows, strict=True)
+    ]
+
+
+def side_by_side(args: argparse.Namespace) -> None:
+    """Every checkout measured in turn for each size, ``--rounds`` times: the machine's
+    load drifts over minutes, so interleaving keeps the comparison fair."""
+    results: dict[tuple[Path, int], list[list[object]]] = {}
+    for _ in range(args.rounds):
+        for size in args.sizes:
+            for checkout in args.checkouts:
+                row = measure_checkout(checkout, size, args)
+                results.setdefault((checkout, size), []).append(row)
+    table(
+        f"calibration store, {CHANNELS}-channel float64 payloads (milliseconds; medians of "
+        f"{args.rounds} interleaved round(s))",
+        ["checkout", *HEADER],
+        [
+            [str(checkout), *median_row(results[checkout, size])]
+            for size in args.sizes
+            for checkout in args.checkouts
+        ],
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sizes", type=int, nargs="+", default=[10, 1000, 10000])
     parser.add_argument("--lookups", type=int, default=2000)
     parser.add_argument("--adds", type=int, default=50)
     parser.add_argument("--colds", type=int, default=7, help="cold processes per size (>= 5)")
+    parser.add_argument(
+        "--checkouts",
+        type=Path,
+        nargs="+",
+        help="measure these checkouts side by side, interleaved (see side_by_side)",
+    )
+    parser.add_argument("--rounds", type=int, default=2, help="rounds with --checkouts")
+    parser.add_argument("--row", action="store_true", help=argparse.SUPPRESS)  # child mode
     args = parser.parse_args()
     random.seed(1)
-    print(f"store code: {Path(loop.__file__).resolve().parent}")
+    if args.checkouts:
+        side_by_side(args)
+        return
     rows = [measure(n, args.lookups, args.adds, args.colds) for n in args.sizes]
+    if args.row:
+        print(json.dumps(rows[0]))
+        return
+    print(f"store code: {Path(loop.__file__).resolve().parent}")
     table(
         f"calibration store, {CHANNELS}-channel float64 payloads (milliseconds; medians)",
-        [
-            "versions",
-            "cold get own",
-            "cold get proc-import",
-            "cold h5py own",
-            "cold reads/KiB",
-            "warm get p50",
-            "warm get p99",
-            "1st get after write",
-            "h5py open+read+close",
-            "add p50",
-            "add p99",
-            "h5py create+fsync",
-        ],
+        HEADER,
         rows,
     )
     base = rows[0]

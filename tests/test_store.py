@@ -181,14 +181,13 @@ def test_journal_replay_after_partial_apply(
     """A writer killed after the journal's rename but during the apply is completed."""
     det = store.detector("ecal-0001", create=True)
     det.add("pedestals", np.zeros(16), begin=1)
-    monkeypatch.setattr(journal_module, "_apply", lambda path, blob: None)  # "killed" here
+    monkeypatch.setattr(journal_module, "_apply", lambda path, pending: None)  # "killed" here
     det.add("pedestals", np.ones(16), begin=2)
     monkeypatch.undo()
-    blob = journal_path(det.path).read_bytes()
-    parsed = journal_module._parse(blob)
+    parsed = journal_module._parse(journal_path(det.path).read_bytes())
     assert parsed is not None
     with open(det.path, "r+b") as fh:  # half of the pages made it to disk
-        for index, page in parsed[2][: len(parsed[2]) // 2]:
+        for index, page in parsed.pages[: len(parsed.pages) // 2]:
             fh.seek(index * journal_module.PAGE)
             fh.write(page)
     assert CalibStore(store.root).detector("ecal-0001").get("pedestals", run=5).array[0] == 1
@@ -224,6 +223,29 @@ def test_journaled_file_truncate_and_extend(tmp_path: Path) -> None:
     assert path.read_bytes() == data
 
 
+def test_journaled_file_commits_runs_of_pages(tmp_path: Path) -> None:
+    """Consecutive dirty pages are applied as one write each run, separate ones apart,
+    and the last page is cut at the file's new length: the file ends up byte for byte
+    as written."""
+    path = tmp_path / "f.bin"
+    page = journal_module.PAGE
+    path.write_bytes(bytes(range(256)) * (12 * page // 256))
+    expected = bytearray(path.read_bytes())
+    jf = JournaledFile(path)
+    for offset, data in ((page - 10, b"a" * (2 * page + 20)), (7 * page + 5, b"b" * 3)):
+        jf.seek(offset)
+        jf.write(data)
+        expected[offset : offset + len(data)] = data
+    jf.seek(13 * page + 100)  # past the end: the gap reads as zeros
+    jf.write(b"end")
+    expected += bytes(13 * page + 100 - len(expected)) + b"end"
+    assert jf.dirty_pages == 6  # pages 0-3 (one run), 7, 13
+    jf.commit()
+    jf.close()
+    assert path.read_bytes() == bytes(expected)
+    assert not pending(path)
+
+
 def _verify_store(root: Path, committed: dict[int, str], retired: set[str]) -> None:
     """Every reported commit is intact; the file opens natively; every dataset reads."""
     det = CalibStore(root).detector("ecal-0001")
@@ -239,6 +261,32 @@ def _verify_store(root: Path, committed: dict[int, str], retired: set[str]) -> N
         h5.visititems(lambda _n, o: o[()] if isinstance(o, h5py.Dataset) else None)
 
 
+def kill_a_writer(
+    root: Path, start: int, wait_s: float, committed: dict[int, str], retired: set[str]
+) -> int:
+    """Run tests/store_crash_child.py from version ``start``, SIGKILL it after ``wait_s``
+    of writing, and record what it reported as done; returns the next start."""
+    child = subprocess.Popen(
+        [sys.executable, "-m", "tests.store_crash_child", str(root), str(start)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=REPO,
+    )
+    assert child.stdout is not None
+    ready = child.stdout.readline()  # start-up takes what it takes on a busy machine
+    time.sleep(wait_s)  # then a moment of the writing
+    child.send_signal(signal.SIGKILL)
+    out, _ = child.communicate(timeout=10)
+    for line in (ready + out).splitlines():
+        words = line.split()
+        if words[0] == "added":
+            committed[int(words[1])] = words[2]
+        elif words[0] == "retired":
+            retired.add(words[1])
+    return max(committed, default=start - 1) + 1
+
+
 @pytest.mark.slow
 def test_sigkill_at_random_points_never_corrupts(tmp_path: Path) -> None:
     """Kill a writing process many times; every reported commit must survive intact."""
@@ -248,27 +296,9 @@ def test_sigkill_at_random_points_never_corrupts(tmp_path: Path) -> None:
     retired: set[str] = set()
     kills, start = 30, 1
     for _ in range(kills):
-        child = subprocess.Popen(
-            [sys.executable, "-m", "tests.store_crash_child", str(root), str(start)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-            cwd=REPO,
-        )
-        assert child.stdout is not None
-        ready = child.stdout.readline()  # start-up takes what it takes on a busy machine
-        time.sleep(rng.random() * 0.3)  # then a random moment of the writing
-        child.send_signal(signal.SIGKILL)
-        out, _ = child.communicate(timeout=10)
-        out = ready + out
-        for line in out.splitlines():
-            words = line.split()
-            if words[0] == "added":
-                committed[int(words[1])] = words[2]
-            elif words[0] == "retired":
-                retired.add(words[1])
-        fresh = [k for k in committed if k >= start]
-        start = max(committed, default=start - 1) + 1
+        before = start
+        start = kill_a_writer(root, start, rng.random() * 0.3, committed, retired)
+        fresh = [k for k in committed if k >= before]
         sample = fresh + rng.sample(sorted(committed), min(20, len(committed)))
         if committed:  # a kill before the first commit may leave no detector file yet
             _verify_store(root, {k: committed[k] for k in sample}, retired)
@@ -277,6 +307,96 @@ def test_sigkill_at_random_points_never_corrupts(tmp_path: Path) -> None:
     survivor = CalibStore(root).detector("ecal-0001")
     survivor.add("pedestals", np.full(64, float(start)), begin=start)
     assert survivor.get("pedestals", run=start).array[0] == start
+
+
+@pytest.mark.slow
+def test_a_writer_keeping_its_file_open_survives_writers_killed_beside_it(
+    tmp_path: Path,
+) -> None:
+    """A long-lived writer keeps its file open between transactions; other writers are
+    killed at random moments between its adds (leaving journals it or a reader must
+    replay). Each of its adds must land on the file as they left it, never on its own
+    stale view: every version, theirs and its own, stays intact."""
+    root = tmp_path / "calib"
+    rng = random.Random(4321)
+    committed: dict[int, str] = {}
+    retired: set[str] = set()
+    survivor = CalibStore(root).detector("ecal-0001", create=True)
+    start = 1
+    for kill in range(12):
+        start = kill_a_writer(root, start, rng.random() * 0.3, committed, retired)
+        if kill % 2:  # a reader may be the one that finds the dead writer's journal
+            CalibStore(root).detector("ecal-0001").versions()
+        committed[start] = survivor.add(
+            "pedestals", np.full(64, float(start)), begin=start, metadata={"k": start}
+        )
+        start += 1
+    survivor.close()
+    assert len({vid for vid in committed.values()}) == len(committed)
+    _verify_store(root, committed, retired)
+
+
+def test_a_refused_transaction_leaves_nothing_in_the_kept_write_handle(
+    store: CalibStore,
+) -> None:
+    """The writer keeps its file open between transactions: a refused one, whose writes
+    HDF5 already holds in memory, must not reach the file with the next commit."""
+    det = store.detector("ecal-0001", create=True)
+    first = det.add("pedestals", np.zeros(4), begin=1, end=9)
+    with pytest.raises(RuntimeError, match="operator abort"), det.batch() as batch:
+        batch.add("pedestals", np.ones(4), begin=20)
+        raise RuntimeError("operator abort")
+    with pytest.raises(StoreError, match="exists with validity"):  # refused mid-add
+        det.add("pedestals", np.ones(4), begin=1, end=9, begin_time=5.0)
+    second = det.add("noise", np.ones(4), begin=30)
+    assert (first, second) == ("v000001", "v000002")  # no number taken by the refusals
+    det.close()
+    reader = CalibStore(store.root).detector("ecal-0001")
+    assert [v.version for v in reader.versions()] == [first, second]
+    assert [r.name for r in reader.ranges("pedestals")] == ["run000000001-000000009"]
+
+
+def test_a_kept_write_handle_follows_other_writers(store: CalibStore) -> None:
+    """Two writers of one file, each keeping it open, alternate: each sees the other's
+    commits (the generation moves). A file replaced behind a writer's back, with no
+    generation moved, is reopened too (its identity changed)."""
+    one = store.detector("ecal-0001", create=True)
+    two = CalibStore(store.root).detector("ecal-0001", create=True)
+    made = [one.add("pedestals", np.full(4, 0.0), begin=1)]
+    for k in range(1, 7):
+        writer = two if k % 2 else one
+        made.append(writer.add("pedestals", np.full(4, float(k)), begin=1 + k))
+    assert made == [f"v{n:06d}" for n in range(1, 8)]
+    copy = one.path.with_name("copy.h5")
+    copy.write_bytes(one.path.read_bytes())
+    one.add("pedestals", np.full(4, 7.0), begin=8)  # then the file goes back a step,
+    os.replace(copy, one.path)  # as an operator restoring it would do
+    assert one.add("pedestals", np.full(4, 8.0), begin=9) == "v000008"
+    for det in (one, two):
+        det.close()
+    reader = CalibStore(store.root).detector("ecal-0001")
+    got = [reader.get("pedestals", run=r).array[0] for r in range(1, 10)]
+    assert got == [0, 1, 2, 3, 4, 5, 6, 6, 8]
+
+
+def test_a_replay_moves_the_generation(store: CalibStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A journal left by a writer that died before moving the generation (as calloop
+    before 16.2 did, after applying): the replay moves it, so a reader's cached view and
+    a writer's kept handle do not stay on the file as it was before the replay."""
+    det = store.detector("ecal-0001", create=True)
+    det.add("pedestals", np.zeros(4), begin=1)
+    reader = CalibStore(store.root).detector("ecal-0001")
+    assert reader.get("pedestals", run=5).array[0] == 0  # its view is cached
+    rlock = det.path.with_name(det.path.name + ".rlock")
+    generation = rlock.read_bytes()
+    monkeypatch.setattr(journal_module, "_apply", lambda path, pending: None)  # "killed"
+    CalibStore(store.root).detector("ecal-0001").add("pedestals", np.ones(4), begin=2)
+    monkeypatch.undo()
+    rlock.write_bytes(generation)  # the dead writer had not moved it
+    assert pending(det.path)
+    assert reader.get("pedestals", run=5).array[0] == 1  # replayed, then reopened
+    assert det.add("pedestals", np.full(4, 2.0), begin=3) == "v000003"
+    assert CalibStore(store.root).detector("ecal-0001").get("pedestals", run=2).array[0] == 1
 
 
 def test_store_cli(tmp_path: Path) -> None:

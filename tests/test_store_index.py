@@ -95,6 +95,26 @@ def test_tables_stay_equal_to_a_rebuild_and_lookups_follow_the_rule(
     monkeypatch.setattr(index_module, "BLOCK", 4)  # many blocks: fences, moves across them
     det = CalibStore(tmp_path).detector("ecal-0001", create=True)
     _random_history(det, random.Random(7), 70)
+    _check_tables_and_lookups(det)
+
+
+def test_ranges_added_in_order_append_to_their_tables(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The usual case, each range beginning after the last, takes the append path of the
+    table update: rows, fences (a new one whenever a block starts) and lookups stay as a
+    rebuild makes them, and so do they when the last range gets a new default."""
+    monkeypatch.setattr(index_module, "BLOCK", 4)
+    det = CalibStore(tmp_path).detector("ecal-0001", create=True)
+    for begin in range(1, 14):
+        det.add("p", np.zeros(2), begin=begin, begin_time=float(begin * 10))
+    det.add("p", np.ones(2), begin=13, begin_time=130.0)  # the last row, replaced
+    _check_tables_and_lookups(det)
+
+
+def _check_tables_and_lookups(det: Detector) -> None:
+    """The file's lookup tables equal a rebuild from its log, and every lookup through
+    them follows the rule."""
     det.close()
     with h5py.File(det.path, "r") as h5:
         assert is_current(h5)
@@ -211,9 +231,9 @@ def _capture_journals(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
     blobs: list[bytes] = []
     apply = journal_module._apply
 
-    def recording(path: Path, blob: bytes) -> None:
-        blobs.append(blob)
-        apply(path, blob)
+    def recording(path: Path, pending: journal_module._Pending) -> None:
+        blobs.append(pending.encode())
+        apply(path, pending)
 
     monkeypatch.setattr(journal_module, "_apply", recording)
     return blobs

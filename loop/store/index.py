@@ -214,27 +214,19 @@ def rebuild_from_groups(h5: h5py.File) -> None:
     migrate(h5)
 
 
-def record(
-    h5: h5py.File,
-    ctype: str,
-    range_group: h5py.Group,
-    ops: list[tuple[int, str]],
-    validity: Validity | None = None,
-) -> None:
+def record(h5: h5py.File, ctype: str, entry: RangeEntry, ops: list[tuple[int, str]]) -> None:
     """Log mutations of one range (``(op, version id)`` pairs) and bring the lookup tables
-    in step: the version table for adds, the range's rows for its default. Call inside the
-    writer's transaction after :func:`migrate` and after updating the range's attributes.
+    in step: the version table for adds, the range's row for its default. ``entry`` is
+    the range after the mutations. Call inside the writer's transaction after
+    :func:`migrate`.
     """
-    name = range_group.name.rsplit("/", 1)[1]
-    validity = validity or validity_of(range_group)
-    stored = encode(validity)
-    size = _append_log(h5, [(op, ctype, name, vid, *stored) for op, vid in ops])
+    stored = encode(entry.validity)
+    size = _append_log(h5, [(op, ctype, entry.name, vid, *stored) for op, vid in ops])
     lookup = h5[LOOKUP]
     for op, vid in ops:
         if op == OP_ADD:
-            _set_version(lookup["versions"], vid, ctype, name)
-    default = str(range_group.attrs["default_version"]) or None
-    row = np.array([row_values(RangeEntry(name, validity, default))], dtype=ROW_DTYPE)
+            _set_version(lookup["versions"], vid, ctype, entry.name)
+    row = np.array([row_values(entry)], dtype=ROW_DTYPE)
     for axis in AXES:
         if on_axis(row, axis).size:
             _upsert(lookup["ranges"].require_group(ctype), axis, row)
@@ -260,7 +252,21 @@ def _upsert(group: h5py.Group, axis: Axis, row: np.ndarray) -> None:
         _create_table(group, axis, row)
         return
     table = group[axis]
-    size, fence = table.shape[0], table.attrs["fences"]
+    size = table.shape[0]
+    key = sort_key(row[0], axis)
+    last = sort_key(table[size - 1], axis)  # the usual case, a new latest range: one row read
+    if key == last:
+        table[size - 1] = row[0]
+    elif key > last:
+        _insert(table, axis, size, row)
+    else:
+        _upsert_inside(table, axis, size, row)
+
+
+def _upsert_inside(table: h5py.Dataset, axis: Axis, size: int, row: np.ndarray) -> None:
+    """:func:`_upsert` for a row that sorts before the table's last: reads the block(s)
+    the row's begin falls in."""
+    fence = table.attrs["fences"]
     begin, width, name = sort_key(row[0], axis)
     # rows that begin where the new one does may start in the block before the fence
     low = max(int(np.searchsorted(fence, begin, side="left")) - 1, 0) * BLOCK
@@ -275,12 +281,23 @@ def _upsert(group: h5py.Group, axis: Axis, row: np.ndarray) -> None:
     if at < window.size and window["range"][at] == name:
         table[low + at] = row[0]
         return
-    position = low + at
-    moved = np.concatenate([row, table[position:size]])
+    _insert(table, axis, low + at, row)
+
+
+def _insert(table: h5py.Dataset, axis: Axis, position: int, row: np.ndarray) -> None:
+    """Insert ``row`` at ``position``, moving the rows after it down by one, and update
+    the fences of the blocks that changed (none unless a block starts at or after it)."""
+    size = table.shape[0]
+    moved = row if position == size else np.concatenate([row, table[position:size]])
     table.resize((size + 1,))
     table[position:] = moved
-    kept = fence[: -(-position // BLOCK)]  # blocks that start before the new row
-    new_fence = np.concatenate([kept, span(moved[(-position) % BLOCK :: BLOCK], axis)[0]])
+    first = -(-position // BLOCK)  # the first block that starts at or after the new row
+    if first * BLOCK > size:
+        return  # no block starts at or after it: every fence stays
+    fence = table.attrs["fences"]
+    new_fence = np.concatenate(
+        [fence[:first], span(moved[first * BLOCK - position :: BLOCK], axis)[0]]
+    )
     if not np.array_equal(new_fence, fence):
         table.attrs["fences"] = new_fence
 
@@ -292,6 +309,12 @@ def validity_of(group: h5py.Group) -> Validity:
     """The validity a range group's attributes record."""
     attrs = group.attrs
     return decode(attrs["begin_run"], attrs["end_run"], attrs["begin_time"], attrs["end_time"])
+
+
+def entry_of_group(group: h5py.Group) -> RangeEntry:
+    """The index entry of a range group, from its attributes."""
+    name = group.name.rsplit("/", 1)[1]
+    return RangeEntry(name, validity_of(group), str(group.attrs["default_version"]) or None)
 
 
 class Table:

@@ -33,6 +33,8 @@ import hashlib
 import io
 import os
 import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from loop.fsutil import fsync_dir
@@ -154,10 +156,8 @@ class JournaledFile(io.RawIOBase):
         """Make every write durable atomically (see the module docstring)."""
         if not self._pages and self._len == self._base_len == self._zero_from:
             return
-        body = bytearray(_HEADER.pack(MAGIC, self._len, self._zero_from, len(self._pages)))
-        for index in sorted(self._pages):
-            body += _INDEX.pack(index) + self._pages[index]
-        body += hashlib.sha256(body).digest()
+        pending = _Pending(self._len, self._zero_from, sorted(self._pages.items()))
+        body = pending.encode()
         target = journal_path(self.path)
         created = not target.exists()
         fd = os.open(target, os.O_RDWR | os.O_CREAT, 0o644)
@@ -168,13 +168,47 @@ class JournaledFile(io.RawIOBase):
             os.close(fd)
         if created:
             fsync_dir(target.parent)
-        _apply(self.path, bytes(body))
+        _apply(self.path, pending)
         self._base_len = self._zero_from = self._len
         self._pages.clear()
 
 
-def _parse(blob: bytes) -> tuple[int, int, list[tuple[int, bytes]]] | None:
-    """(final length, zero-from offset, pages) of a journal, or None if it is torn."""
+@dataclass(frozen=True)
+class _Pending:
+    """One transaction as its journal holds it: the file's final length, the offset from
+    which the old bytes read as zero, and the changed pages in order."""
+
+    length: int
+    zero_from: int
+    pages: Sequence[tuple[int, bytes | bytearray]]
+
+    def encode(self) -> bytes:
+        """The journal's bytes: header, (index, page) pairs, SHA-256 over them."""
+        parts: list[bytes | bytearray] = [
+            _HEADER.pack(MAGIC, self.length, self.zero_from, len(self.pages))
+        ]
+        for index, page in self.pages:
+            parts += (_INDEX.pack(index), page)
+        body = b"".join(parts)
+        return body + hashlib.sha256(body).digest()
+
+    def runs(self) -> list[tuple[int, bytes]]:
+        """(offset, bytes) of each run of consecutive pages inside the final length, the
+        last page cut at that length: one write per run, not one per page."""
+        runs: list[tuple[int, list[bytes | bytearray]]] = []
+        for index, page in self.pages:
+            start = index * PAGE
+            if start >= self.length:
+                continue
+            if runs and runs[-1][0] + PAGE * len(runs[-1][1]) == start:
+                runs[-1][1].append(page)
+            else:
+                runs.append((start, [page]))
+        return [(start, b"".join(pages)[: self.length - start]) for start, pages in runs]
+
+
+def _parse(blob: bytes) -> _Pending | None:
+    """The transaction a journal holds, or None if it is torn."""
     if len(blob) < _HEADER.size + 32:
         return None
     magic, length, zero_from, count = _HEADER.unpack_from(blob)
@@ -188,23 +222,18 @@ def _parse(blob: bytes) -> tuple[int, int, list[tuple[int, bytes]]] | None:
         (index,) = _INDEX.unpack_from(blob, offset)
         pages.append((index, blob[offset + _INDEX.size : offset + _INDEX.size + PAGE]))
         offset += _INDEX.size + PAGE
-    return length, zero_from, pages
+    return _Pending(length, zero_from, pages)
 
 
-def _apply(path: Path, blob: bytes) -> None:
-    parsed = _parse(blob)
-    if parsed is None:
-        raise ValueError(f"journal of {path} is corrupt")
-    length, zero_from, pages = parsed
+def _apply(path: Path, pending: _Pending) -> None:
+    """Write a committed transaction into the file, sync it, mark the journal done."""
     fd = os.open(path, os.O_RDWR)
     try:
-        if zero_from < os.fstat(fd).st_size:
-            os.ftruncate(fd, zero_from)  # bytes the transaction truncated away read as zero
-        for index, page in pages:
-            start = index * PAGE
-            if start < length:
-                os.pwrite(fd, page[: length - start], start)
-        os.ftruncate(fd, length)
+        if pending.zero_from < os.fstat(fd).st_size:
+            os.ftruncate(fd, pending.zero_from)  # bytes the transaction truncated away
+        for offset, data in pending.runs():
+            os.pwrite(fd, data, offset)
+        os.ftruncate(fd, pending.length)
         os.fdatasync(fd)
     finally:
         os.close(fd)
@@ -230,11 +259,11 @@ def recover(path: Path) -> str | None:
     target.with_name(target.name + ".tmp").unlink(missing_ok=True)
     if not pending(path):
         return None
-    blob = target.read_bytes()
-    if _parse(blob) is None:
+    parsed = _parse(target.read_bytes())
+    if parsed is None:
         _clear(path)
         return "discarded"
-    _apply(path, blob)
+    _apply(path, parsed)
     return "replayed"
 
 

@@ -17,8 +17,9 @@ stay readable but are never default). See :mod:`loop.store.lookup` for the looku
 Concurrency: one writer per file (``<file>.lock``, holder named on timeout); writers
 commit through a redo journal (:mod:`loop.store.journal`) applied under an exclusive
 ``<file>.rlock`` that readers hold shared while they read, so a reader never sees a
-half-written version. The ``.rlock`` file also carries a generation counter that tells
-readers when to reopen their cached handle and index.
+half-written version. The ``.rlock`` file also carries a generation counter, bumped
+before every apply and replay, that tells readers when to reopen their cached handle and
+index, and a writer when the handle it kept open since its last commit is stale.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from loop.store.index import (
     OP_UNPIN,
     FileIndex,
     checked_range_name,
+    entry_of_group,
     migrate,
     record,
     validity_of,
@@ -137,11 +139,14 @@ def _now_user() -> tuple[float, str]:
     return time.time(), user
 
 
-def _append_history(obj: h5py.HLObject, action: str, text: str) -> None:
+def _history(records: list[dict[str, Any]], action: str, text: str) -> str:
+    """The ``history`` attribute: ``records`` and a new one, as JSON."""
     stamp, user = _now_user()
-    records = _json_attr(obj, "history", [])
-    records.append({"time": stamp, "user": user, "action": action, "text": text})
-    obj.attrs["history"] = json.dumps(records)
+    return json.dumps([*records, {"time": stamp, "user": user, "action": action, "text": text}])
+
+
+def _append_history(obj: h5py.HLObject, action: str, text: str) -> None:
+    obj.attrs["history"] = _history(_json_attr(obj, "history", []), action, text)
 
 
 def content_hash(array: np.ndarray) -> str:
@@ -151,18 +156,12 @@ def content_hash(array: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-def _write_validity(group: h5py.Group, validity: Validity) -> None:
-    begin_run, end_run, begin_time, end_time = encode(validity)
-    group.attrs.update(
-        begin_run=begin_run, end_run=end_run, begin_time=begin_time, end_time=end_time
-    )
-
-
 def _shape_mismatch(ctype_group: h5py.Group, array: np.ndarray) -> str | None:
     """Why ``array`` does not fit the ctype's current default layout, or None."""
-    if "current_version" not in ctype_group.attrs:
+    current = ctype_group.attrs.get("current_shape")  # written with current_version
+    if current is None:
         return None
-    shape = tuple(int(n) for n in ctype_group.attrs["current_shape"])
+    shape = tuple(int(n) for n in current)
     dtype = np.dtype(str(ctype_group.attrs["current_dtype"]))
     if shape == array.shape and dtype == array.dtype:
         return None
@@ -208,6 +207,32 @@ def _close_handles(h5: h5py.File, handle: Any) -> None:
     handle.close()
 
 
+def _file_identity(path: Path) -> tuple[int, int, int]:
+    """(inode, size, mtime) of ``path``: changes when anything but our writer touched it."""
+    info = os.stat(path)
+    return info.st_ino, info.st_size, info.st_mtime_ns
+
+
+@dataclass
+class _WriteHandle:
+    """A writer's open file, kept between its transactions.
+
+    Opening the file, checking its index and closing it again were 1.5-2 ms of a small
+    transaction's 8-10 ms, before the writes re-read the metadata they need. Between
+    transactions HDF5's metadata cache is clean (each commit flushed it into the journal)
+    and matches the file as long as nobody else wrote: the generation and the file's
+    identity after our commit say so.
+    """
+
+    journaled: JournaledFile
+    h5: h5py.File
+    generation: int = -1
+    identity: tuple[int, int, int] = (0, 0, 0)
+
+    def __post_init__(self) -> None:
+        self.close = weakref.finalize(self, _close_handles, self.h5, self.journaled)
+
+
 def open_readonly(path: Path) -> tuple[h5py.File, Any]:
     """Open ``path`` for reading through a Python file object.
 
@@ -245,6 +270,7 @@ class Detector:
         )
         self._rlock_path = self.path.with_name(self.path.name + ".rlock")
         self._snapshot: _Snapshot | None = None
+        self._write_handle: _WriteHandle | None = None
 
     # --------------------------------------------------------------------- read access
 
@@ -295,8 +321,9 @@ class Detector:
             self._snapshot = None
 
     def close(self) -> None:
-        """Close the cached read handle."""
+        """Close the cached read and write handles."""
         self._close_snapshot()
+        self._drop_write_handle()
 
     def ctypes(self) -> list[str]:
         """Calibration types present in the file."""
@@ -460,40 +487,91 @@ class Detector:
         """Finish or discard a dead writer's commit. Under the writer lock, only a dead
         writer can have left a journal, so checking without the apply lock is safe."""
         if pending(self.path):
-            with self._apply_lock().hold(self.store.lock_timeout_s):
+            with self._apply_lock().hold(self.store.lock_timeout_s) as rlock:
+                self._bump_generation(rlock.fd)  # the replay changes the file
                 recover(self.path)
+
+    def _bump_generation(self, fd: int) -> int:
+        """Tell readers and kept writer handles that the file changes; returns the new
+        generation. Call under the apply lock, before changing the file: a writer killed
+        after the change then still leaves the file's new generation behind."""
+        generation = self._generation(fd) + 1
+        os.pwrite(fd, _GEN.pack(generation), 0)
+        return generation
+
+    def _current_generation(self) -> int:
+        try:
+            fd = os.open(self._rlock_path, os.O_RDONLY)
+        except FileNotFoundError:
+            return 0
+        try:
+            return self._generation(fd)
+        finally:
+            os.close(fd)
+
+    def _drop_write_handle(self) -> None:
+        """Close the kept write handle; the changes it holds in memory are never committed."""
+        if self._write_handle is not None:
+            self._write_handle.close()
+            self._write_handle = None
+
+    def _handle_for_writing(self) -> _WriteHandle:
+        """The kept write handle if nobody else changed the file since our last commit,
+        else a freshly opened one. Call under the writer lock, after recovery."""
+        kept = self._write_handle
+        if kept is not None and (
+            kept.generation == self._current_generation()
+            and kept.identity == _file_identity(self.path)
+        ):
+            return kept
+        self._drop_write_handle()
+        journaled = JournaledFile(self.path)
+        try:
+            # no chunk cache: a cached chunk is written back whole, so appending one row
+            # to an index table cost a chunk of journal pages (43 KiB) instead of one page
+            h5 = h5py.File(journaled, "r+", libver=LIBVER, rdcc_nbytes=0)
+        except BaseException:
+            journaled.close()
+            raise
+        self._write_handle = _WriteHandle(journaled, h5)
+        migrate(h5)  # a file written by an older calloop gets its tables
+        return self._write_handle
 
     @contextlib.contextmanager
     def _writing(self) -> Iterator[h5py.File]:
         """One atomic transaction on the file under the writer lock.
 
-        A refused first transaction removes the file it created: a failed add or import
-        leaves no empty detector behind.
+        A refused transaction leaves its changes in the write handle's memory only: the
+        handle is dropped. A refused first transaction also removes the file it created:
+        a failed add or import leaves no empty detector behind.
         """
         with self._writer.hold(self.store.lock_timeout_s):
             check_inside(self.store.root, self.path)  # a symlink may have appeared since
             created = not self.exists()
             if created:
+                self._drop_write_handle()  # a kept handle of a removed file
                 self._create()
             self._recover()
-            journaled = JournaledFile(self.path)
             try:
-                try:
-                    with h5py.File(journaled, "r+", libver=LIBVER) as h5:
-                        migrate(h5)  # a file written by an older calloop gets its tables
-                        yield h5
-                except BaseException:
-                    if created:
-                        self.path.unlink()
-                    raise
-                self._commit(journaled)
-            finally:
-                journaled.close()
+                handle = self._handle_for_writing()
+                yield handle.h5
+                handle.h5.flush()  # every change into the journaled file's pages
+            except BaseException:
+                self._drop_write_handle()
+                if created:
+                    self.path.unlink()
+                raise
+            try:
+                self._commit(handle)
+            except BaseException:
+                self._drop_write_handle()  # the file may now differ from its cache
+                raise
 
-    def _commit(self, journaled: JournaledFile) -> None:
+    def _commit(self, handle: _WriteHandle) -> None:
         with self._apply_lock().hold(self.store.lock_timeout_s) as rlock:
-            journaled.commit()
-            os.pwrite(rlock.fd, _GEN.pack(self._generation(rlock.fd) + 1), 0)
+            handle.generation = self._bump_generation(rlock.fd)
+            handle.journaled.commit()
+            handle.identity = _file_identity(self.path)
 
     def _create(self) -> None:
         stamp, user = _now_user()
@@ -566,7 +644,7 @@ class Detector:
         number = int(h5.attrs["next_version"])
         vid = version_id(number)
         h5.attrs["next_version"] = number + 1
-        range_group = self._range_group(ctype_group, validity)
+        range_group, entry = self._range_group(ctype_group, validity, None if retired else vid)
         group = range_group.create_group(vid)
         group.create_dataset("calib", data=array)
         group.attrs.update(
@@ -575,8 +653,8 @@ class Detector:
             comment=comment,
             retired=retired,
             content_hash=content_hash(array),
+            history=_history([], "add", comment or "added"),
         )
-        _append_history(group, "add", comment or "added")
         if mismatch:
             _append_history(ctype_group, "force", f"{vid}: {mismatch}")
         if not retired:
@@ -585,10 +663,8 @@ class Detector:
                 ctype_group.attrs.update(
                     current_shape=list(array.shape), current_dtype=array.dtype.str
                 )
-            if not bool(range_group.attrs["pinned"]):
-                range_group.attrs["default_version"] = vid
         ops = [(OP_ADD, vid), (OP_RETIRE, vid)] if retired else [(OP_ADD, vid)]
-        record(h5, ctype, range_group, ops, validity)
+        record(h5, ctype, entry, ops)
         return vid
 
     @staticmethod
@@ -601,21 +677,35 @@ class Detector:
         return group
 
     @staticmethod
-    def _range_group(ctype_group: h5py.Group, validity: Validity) -> h5py.Group:
+    def _range_group(
+        ctype_group: h5py.Group, validity: Validity, newest: str | None
+    ) -> tuple[h5py.Group, RangeEntry]:
+        """The range group of ``validity`` (created if new) and its index entry once
+        ``newest`` (a new version that is not retired, or None) is added to it."""
         name = checked_range_name(validity)
-        if name in ctype_group:
-            group = ctype_group[name]
-            if validity_of(group) != validity:
-                raise StoreError(
-                    f"range {name} exists with validity {validity_of(group).describe()}, "
-                    f"not {validity.describe()}"
-                )
-            return group
-        group = ctype_group.create_group(name)
-        _write_validity(group, validity)
-        group.attrs.update(default_version="", pinned=False)
-        _append_history(group, "create", validity.describe())
-        return group
+        if name not in ctype_group:
+            group = ctype_group.create_group(name)
+            begin_run, end_run, begin_time, end_time = encode(validity)
+            group.attrs.update(  # every attribute at once: a new range has no history yet
+                begin_run=begin_run,
+                end_run=end_run,
+                begin_time=begin_time,
+                end_time=end_time,
+                default_version=newest or "",
+                pinned=False,
+                history=_history([], "create", validity.describe()),
+            )
+            return group, RangeEntry(name, validity, newest)
+        group = ctype_group[name]
+        if validity_of(group) != validity:
+            raise StoreError(
+                f"range {name} exists with validity {validity_of(group).describe()}, "
+                f"not {validity.describe()}"
+            )
+        if newest is not None and not bool(group.attrs["pinned"]):
+            group.attrs["default_version"] = newest
+            return group, RangeEntry(name, validity, newest)
+        return group, entry_of_group(group)
 
     def _locate(self, h5: h5py.File, vid: str) -> tuple[str, h5py.Group, h5py.Group]:
         """(ctype, range group, version group) of ``vid``, found through the index."""
@@ -647,7 +737,7 @@ class Detector:
                 range_group.attrs.update(
                     pinned=False, default_version=_newest_valid(range_group) or ""
                 )
-                record(h5, ctype, range_group, [(OP_UNPIN, "")])
+                record(h5, ctype, entry_of_group(range_group), [(OP_UNPIN, "")])
                 _append_history(range_group, "unpin", comment or "default follows newest")
                 return
             vid = normalize_version(version)
@@ -655,7 +745,7 @@ class Detector:
             if bool(group.attrs["retired"]):
                 raise StoreError(f"{vid} is retired and cannot be the default")
             range_group.attrs.update(pinned=True, default_version=vid)
-            record(h5, vctype, range_group, [(OP_PIN, vid)])
+            record(h5, vctype, entry_of_group(range_group), [(OP_PIN, vid)])
             _append_history(range_group, "set_default", f"{vid} pinned. {comment}".strip())
 
     def retire(self, version: str, comment: str = "") -> None:
@@ -669,7 +759,7 @@ class Detector:
                 range_group.attrs.update(
                     pinned=False, default_version=_newest_valid(range_group) or ""
                 )
-            record(h5, vctype, range_group, [(OP_RETIRE, vid)])
+            record(h5, vctype, entry_of_group(range_group), [(OP_RETIRE, vid)])
 
     def set_links(
         self,
