@@ -35,7 +35,11 @@ def run_demo(code: Path, work: Path) -> tuple[float, float, int, bool]:
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-m", "loop.cli", "demo", "--work-dir", str(work)],
+        [
+            *(sys.executable, "-m", "loop.cli", "demo", "--work-dir", str(work)),
+            # the same two calibrations in both (this checkout's default plays six)
+            *("--scenario", str(code / "config" / "scenarios" / "quickstart.yaml")),
+        ],
         env=env,
         cwd=work.parent,  # not the checkout: ``-m`` would import from the working directory
         capture_output=True,
