@@ -98,36 +98,32 @@ class DependencyInput:
         return asdict(self)
 
 
-def _read_row(journal: Path, run: int) -> tuple[str, dict[str, Any]] | None:
-    """(state, info) of ``run`` in another daemon's journal, opened read-only (None:
-    no journal, or the run is not in it)."""
+def _query(journal: Path, sql: str, args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+    """Rows of ``sql`` in another daemon's journal, opened read-only (none: no journal)."""
     if not journal.exists():
-        return None
+        return []
     try:
         db = sqlite3.connect(f"{journal.as_uri()}?mode=ro", uri=True, timeout=5)
         try:
-            row = db.execute("SELECT state, info FROM runs WHERE run=?", (run,)).fetchone()
+            return db.execute(sql, args).fetchall()
         finally:
             db.close()
     except sqlite3.Error as exc:
         raise DependencyError(f"cannot read the journal {journal} ({exc})") from exc
-    return None if row is None else (str(row[0]), dict(json.loads(row[1])))
+
+
+def _read_row(journal: Path, run: int) -> tuple[str, dict[str, Any]] | None:
+    """(state, info) of ``run`` in another daemon's journal (None: no journal, or the
+    run is not in it)."""
+    rows = _query(journal, "SELECT state, info FROM runs WHERE run=?", (run,))
+    return (str(rows[0][0]), dict(json.loads(rows[0][1]))) if rows else None
 
 
 def runs_before(work_dir: Path, name: str, run: int) -> list[int]:
     """The runs before ``run`` that calibration ``name``'s step 2 has seen (read-only;
     its journal is where every run of the calibration starts), ascending."""
     journal = work_dir / name / "step2.journal.sqlite"
-    if not journal.exists():
-        return []
-    try:
-        db = sqlite3.connect(f"{journal.as_uri()}?mode=ro", uri=True, timeout=5)
-        try:
-            rows = db.execute("SELECT run FROM runs WHERE run<? ORDER BY run", (run,)).fetchall()
-        finally:
-            db.close()
-    except sqlite3.Error as exc:
-        raise DependencyError(f"cannot read the journal {journal} ({exc})") from exc
+    rows = _query(journal, "SELECT run FROM runs WHERE run<? ORDER BY run", (run,))
     return [int(row[0]) for row in rows]
 
 

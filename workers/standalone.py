@@ -46,23 +46,22 @@ class Derived:
     rejected: list[BadInput]  # inputs a worker set aside, with the reason
 
 
-def file_kind(path: Path) -> str:
-    """:data:`RAW` for a raw LS file, :data:`RECO` for a reco output; anything else is a
-    :class:`StandaloneError` naming the file."""
+def file_kind(path: Path) -> tuple[str, int]:
+    """(:data:`RAW` for a raw LS file or :data:`RECO` for a reco output, the run it
+    says it belongs to); anything else is a :class:`StandaloneError` naming the file."""
     try:
         with h5py.File(path, "r") as h5:
-            attrs = set(h5.attrs)
+            attrs = dict(h5.attrs)
             has_frames = "frames" in h5
     except OSError as exc:
         raise StandaloneError(f"{path}: not a readable HDF5 file ({exc})") from None
-    if has_frames and "ls" in attrs:
-        return RAW
-    if has_frames and "lumisections" in attrs:
-        return RECO
-    raise StandaloneError(
-        f"{path}: neither a raw LS file (attribute 'ls') nor a reco output "
-        "(attribute 'lumisections')"
-    )
+    kind = RAW if "ls" in attrs else RECO if "lumisections" in attrs else None
+    if not has_frames or kind is None or "run" not in attrs:
+        raise StandaloneError(
+            f"{path}: neither a raw LS file (attribute 'ls') nor a reco output "
+            "(attribute 'lumisections')"
+        )
+    return kind, int(attrs["run"])
 
 
 def derive(
@@ -79,10 +78,12 @@ def derive(
     config_path, sha256 = freeze(config, work_dir)
     common = ["--calibration", str(config_path), "--output-dir"]
     raw_by_run: dict[int, list[Path]] = {}
-    reco_files = []
+    reco_files, runs = [], set()
     for path in inputs:
-        if file_kind(path) == RAW:
-            raw_by_run.setdefault(_run_of(path), []).append(path)
+        kind, run = file_kind(path)
+        runs.add(run)
+        if kind == RAW:
+            raw_by_run.setdefault(run, []).append(path)
         else:
             reco_files.append(path)
     rejected: list[BadInput] = []
@@ -103,14 +104,7 @@ def derive(
         np.load(out / harvest.PAYLOAD, allow_pickle=False),
         json.loads((out / harvest.SUMMARY).read_text()),
     )
-    runs = sorted(set(raw_by_run) | {_run_of(path) for path in reco_files})
-    return Derived(payload, out / harvest.PAYLOAD, sha256, runs, rejected)
-
-
-def _run_of(path: Path) -> int:
-    """The run number an input file says it belongs to."""
-    with h5py.File(path, "r") as h5:
-        return int(h5.attrs["run"])
+    return Derived(payload, out / harvest.PAYLOAD, sha256, sorted(runs), rejected)
 
 
 def _work(main: Callable[[list[str] | None], int], worker: str, argv: list[str]) -> list[BadInput]:

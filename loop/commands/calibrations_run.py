@@ -62,6 +62,7 @@ class Target:
     label: str  # "run386001" or "files"
     inputs: list[Path]
     out: Path
+    run: int | None = None  # the run of a --runs target
 
 
 def targets(
@@ -84,7 +85,7 @@ def targets(
         raw = sorted(directory.glob(f"run{run}_ls*.h5"))
         if not raw:
             raise CalloopError(f"run {run}: no raw LS files in {directory}")
-        found.append(Target(f"run{run}", raw, out / f"run{run}"))
+        found.append(Target(f"run{run}", raw, out / f"run{run}", run))
     return found
 
 
@@ -181,7 +182,7 @@ def _stored_dependency(
     work: Path,
 ) -> Path:
     dependency = configs.get(name)
-    run = _first_run(target)
+    run = target.run
     if dependency is None or run is None:
         raise CalloopError(f"give the payload of {name} with --dependency {name}=PATH")
     try:
@@ -199,10 +200,6 @@ def _stored_dependency(
     path = work / f"{name}.npy"
     np.save(path, np.asarray(array), allow_pickle=False)
     return path
-
-
-def _first_run(target: Target) -> int | None:
-    return int(target.label[3:]) if target.label.startswith("run") else None
 
 
 def _store_of(loop_config: LoopConfig) -> CalibStore:

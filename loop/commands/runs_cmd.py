@@ -56,31 +56,26 @@ def register(subparsers: Any) -> None:
     _acting(retry)
     retry.set_defaults(handler=cmd_retry)
 
-    skip = sub.add_parser("skip", help="close a run on purpose in every step, with a reason")
-    _common(skip, json_flag=False)
-    skip.add_argument("run", type=int)
-    _acting(skip)
-    skip.set_defaults(handler=cmd_skip)
-
-    rerun = sub.add_parser(
-        "rerun",
-        help="recalibrate a finished run: step 4 harvests all its inputs again with the "
-        "current configuration (new store version, new upload)",
-    )
-    _common(rerun, json_flag=False)
-    rerun.add_argument("run", type=int)
-    _acting(rerun)
-    rerun.set_defaults(handler=cmd_rerun)
-
-    approve = sub.add_parser(
-        "approve",
-        help="an expert's override of a Rejected run: its payload is stored again as an "
-        "accepted version naming the approval, and uploaded",
-    )
-    _common(approve, json_flag=False)
-    approve.add_argument("run", type=int)
-    _acting(approve)
-    approve.set_defaults(handler=cmd_approve)
+    for name, handler, text in (
+        ("skip", cmd_skip, "close a run on purpose in every step, with a reason"),
+        (
+            "rerun",
+            cmd_rerun,
+            "recalibrate a finished run: step 4 harvests all its inputs again with the "
+            "current configuration (new store version, new upload)",
+        ),
+        (
+            "approve",
+            cmd_approve,
+            "an expert's override of a Rejected run: its payload is stored again as an "
+            "accepted version naming the approval, and uploaded",
+        ),
+    ):
+        command = sub.add_parser(name, help=text)
+        _common(command, json_flag=False)
+        command.add_argument("run", type=int)
+        _acting(command)
+        command.set_defaults(handler=handler)
 
 
 def _common(parser: argparse.ArgumentParser, *, json_flag: bool = True) -> None:
