@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +13,7 @@ import numpy as np
 from loop.config import CalibrationConfig, LoopConfig, load_calibration, load_loop_config
 from loop.demo import write_workspace
 from loop.rawformat import TRIGGER_CODES, parse_raw_name, raw_path, read_raw_ls
+from tests.conftest import REPO
 from workers.accumulators import ChannelStats
 from workers.algorithms import compute_payload
 
@@ -54,3 +59,29 @@ def workspace(tmp_path: Path, **overrides: object) -> LoopConfig:
 def calibration(loop_config: LoopConfig, name: str) -> CalibrationConfig:
     """A calibration of the workspace."""
     return load_calibration(loop_config.calibrations_dir / f"{name}.yaml")
+
+
+def kill_a_writer(
+    root: Path, start: int, wait_s: float, committed: dict[int, str], retired: set[str]
+) -> int:
+    """Run tests/store_crash_child.py from version ``start``, SIGKILL it after ``wait_s``
+    of writing, and record what it reported as done; returns the next start."""
+    child = subprocess.Popen(
+        [sys.executable, "-m", "tests.store_crash_child", str(root), str(start)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=REPO,
+    )
+    assert child.stdout is not None
+    ready = child.stdout.readline()  # start-up takes what it takes on a busy machine
+    time.sleep(wait_s)  # then a moment of the writing
+    child.send_signal(signal.SIGKILL)
+    out, _ = child.communicate(timeout=10)
+    for line in (ready + out).splitlines():
+        words = line.split()
+        if words[0] == "added":
+            committed[int(words[1])] = words[2]
+        elif words[0] == "retired":
+            retired.add(words[1])
+    return max(committed, default=start - 1) + 1

@@ -5,10 +5,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import h5py
@@ -21,7 +17,8 @@ from loop.store import AliasTable, CalibStore
 from loop.store import journal as journal_module
 from loop.store.journal import JournaledFile, journal_path, pending, recover
 from loop.store.transfer import export_detector, import_file
-from tests.conftest import REPO, run_cli
+from tests.conftest import run_cli
+from tests.helpers import kill_a_writer
 
 
 @pytest.fixture
@@ -259,32 +256,6 @@ def _verify_store(root: Path, committed: dict[int, str], retired: set[str]) -> N
     det.close()
     with h5py.File(det.path, "r") as h5:
         h5.visititems(lambda _n, o: o[()] if isinstance(o, h5py.Dataset) else None)
-
-
-def kill_a_writer(
-    root: Path, start: int, wait_s: float, committed: dict[int, str], retired: set[str]
-) -> int:
-    """Run tests/store_crash_child.py from version ``start``, SIGKILL it after ``wait_s``
-    of writing, and record what it reported as done; returns the next start."""
-    child = subprocess.Popen(
-        [sys.executable, "-m", "tests.store_crash_child", str(root), str(start)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        cwd=REPO,
-    )
-    assert child.stdout is not None
-    ready = child.stdout.readline()  # start-up takes what it takes on a busy machine
-    time.sleep(wait_s)  # then a moment of the writing
-    child.send_signal(signal.SIGKILL)
-    out, _ = child.communicate(timeout=10)
-    for line in (ready + out).splitlines():
-        words = line.split()
-        if words[0] == "added":
-            committed[int(words[1])] = words[2]
-        elif words[0] == "retired":
-            retired.add(words[1])
-    return max(committed, default=start - 1) + 1
 
 
 @pytest.mark.slow

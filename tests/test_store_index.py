@@ -5,10 +5,6 @@ from __future__ import annotations
 
 import random
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import h5py
@@ -31,6 +27,7 @@ from loop.store.lookup import (
     select,
 )
 from tests.conftest import REPO
+from tests.helpers import kill_a_writer
 from tests.test_store import _verify_store
 
 V1_STORE = REPO / "tests" / "data" / "store_v1"  # written by tests/data/make_store_v1.py
@@ -285,26 +282,8 @@ def test_sigkill_during_the_migrating_first_writes_of_a_format1_file(tmp_path: P
     committed: dict[int, str] = {}
     retired: set[str] = set()
     start = 1000
-    for _ in range(6):
-        child = subprocess.Popen(
-            [sys.executable, "-m", "tests.store_crash_child", str(root), str(start)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-            cwd=REPO,
-        )
-        assert child.stdout is not None
-        ready = child.stdout.readline()
-        time.sleep(rng.random() * 0.1)  # the first transaction migrates
-        child.send_signal(signal.SIGKILL)
-        out, _ = child.communicate(timeout=10)
-        for line in (ready + out).splitlines():
-            words = line.split()
-            if words[0] == "added":
-                committed[int(words[1])] = words[2]
-            elif words[0] == "retired":
-                retired.add(words[1])
-        start = max(committed, default=start - 1) + 1
+    for _ in range(6):  # the first transaction migrates
+        start = kill_a_writer(root, start, rng.random() * 0.1, committed, retired)
         det = CalibStore(root).detector("ecal-0001")
         for vid, array in expected.items():  # type: ignore[attr-defined]
             assert (
